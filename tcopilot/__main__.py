@@ -1,0 +1,3 @@
+from tcopilot.cli import main
+
+raise SystemExit(main())

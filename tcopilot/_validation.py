@@ -1,0 +1,102 @@
+"""Input checks shared by every public op.
+
+Errors are part of the API: each check raises a ``ValueError`` that names the argument, what was
+expected and what was received, so a user never meets a silent NaN or a crash deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+IMPLS = ("auto", "torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    shape: Sequence[int | None] | None = None,
+    allow_empty: bool = False,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor of the given rank, dtype, device and shape (``None`` = any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like the other inputs), got {t.device}")
+    if shape is not None:
+        if len(shape) != t.dim() or any(s is not None and s != r for s, r in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Labels must be integer and in ``[0, num_classes)`` or equal to ``ignore_index``."""
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"{name}: expected an integer tensor, got {labels.dtype}")
+    if labels.numel() == 0:
+        return
+    valid = labels != ignore_index
+    if bool(valid.any()):
+        lv = labels[valid]
+        lo, hi = int(lv.min()), int(lv.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{name}: expected values in [0, {num_classes}) or ignore_index={ignore_index}, got {bad}"
+            )
+
+
+def check_finite(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device, op: str, *, triton_available: bool = True) -> str:
+    """Turn ``impl`` into ``"torch"`` or ``"triton"``.
+
+    ``"auto"`` picks Triton on CUDA tensors (when the op has a kernel) and the PyTorch path otherwise.
+    An explicit ``impl`` never falls back silently: ``impl="triton"`` on an unusable device raises.
+    """
+    check_choice("impl", impl, IMPLS)
+    if impl == "auto":
+        return "triton" if (triton_available and device.type == "cuda") else "torch"
+    if impl == "triton":
+        if not triton_available:
+            raise NotImplementedError(
+                f"{op}: impl='triton' is not implemented yet; use impl='torch' (or 'auto')"
+            )
+        if not triton_usable(device):
+            raise ValueError(
+                f"impl: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+                f"got tensors on {device}"
+            )
+    return impl

@@ -1,0 +1,257 @@
+"""The Pilot side: reading a Hugging Face causal LM's states, and the joint model ``TransformerCopilot``.
+
+The Mistake Log needs, per position, the input representation ``X~`` (what enters the first decoder
+layer: token embeddings, plus position embeddings for GPT-2-style models) and the mean of the decoder
+layers' outputs (``pooled h``). Forward hooks collect both during the Pilot's ordinary forward pass:
+the pooled state is a running sum of detached layer outputs, so nothing beyond what autograd already
+keeps is stored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tcopilot.copilot import Copilot
+from tcopilot.kernels.copilot_error_loss import copilot_error_loss
+from tcopilot.kernels.logit_capture import logit_capture
+
+IGNORE_INDEX = -100
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a Hugging Face causal LM (Llama/Qwen2: ``model.layers``, GPT-2: ``transformer.h``).
+
+    Found as the ``nn.ModuleList`` whose length equals ``config.num_hidden_layers`` (the longest one if
+    several match), so new architectures work without a table of attribute names.
+    """
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise ValueError(
+            f"pilot: could not find its decoder layers (an nn.ModuleList of num_hidden_layers={n} modules) "
+            f"in {type(model).__name__}"
+        )
+    return best
+
+
+class PilotStates:
+    """Collects ``X~`` and the running sum of decoder-layer outputs during one forward of the Pilot."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.layers = layers
+        self.x_tilde: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._handles = []
+
+    def reset(self) -> None:
+        self.x_tilde, self._sum, self._count = None, None, 0
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        if self._sum is None or self._count != len(self.layers):
+            raise RuntimeError(
+                f"pilot: saw {self._count} of {len(self.layers)} decoder layer outputs; "
+                "was the Pilot run inside PilotStates?"
+            )
+        return self._sum / self._count
+
+    def _pre_hook(self, module, args, kwargs):
+        hs = args[0] if args else kwargs.get("hidden_states")
+        self.x_tilde = hs.detach()
+
+    def _hook(self, module, args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        out = out.detach().float()
+        self._sum = out if self._sum is None else self._sum + out
+        self._count += 1
+
+    def attach(self) -> None:
+        self._handles.append(self.layers[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        for layer in self.layers:
+            self._handles.append(layer.register_forward_hook(self._hook))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@contextmanager
+def pilot_states(pilot: nn.Module):
+    """Context manager: hooks on the Pilot's decoder layers; yields a :class:`PilotStates`."""
+    states = PilotStates(find_decoder_layers(pilot))
+    states.attach()
+    try:
+        yield states
+    finally:
+        states.detach()
+
+
+def _cache_kwarg(base: nn.Module) -> str:
+    # transformers renamed past_key_values -> cache in 5.2x; accept both so 4.x/5.17 images work.
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def run_base(base: nn.Module, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
+    """Run the Pilot's base model; returns ``(last_hidden_state, cache)``."""
+    kw = {_cache_kwarg(base): cache} if cache is not None else {}
+    out = base(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        **kw,
+    )
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = getattr(out, "past_key_values", None)
+    return out.last_hidden_state, new_cache
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token among the real tokens of its row; -1 on padding (masked out everywhere)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, -1)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Hugging Face convention: position t predicts ``labels[t+1]``; the last position predicts nothing."""
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+@dataclass
+class CopilotOutput:
+    loss: torch.Tensor  # pilot_loss + copilot_loss: one backward trains both (their gradients are disjoint)
+    pilot_loss: torch.Tensor
+    copilot_loss: torch.Tensor | None
+    num_tokens: int
+
+
+class TransformerCopilot(nn.Module):
+    """A Pilot (any Hugging Face causal LM) and a Copilot trained jointly (paper, Algorithm 1).
+
+    ``forward(input_ids, attention_mask, labels)`` runs the Pilot once, computes its loss and the whole
+    Mistake Log with :func:`tcopilot.logit_capture` (no ``[tokens x vocab]`` tensor), feeds the Copilot
+    the shifted errors and returns both losses. The Copilot's loss reaches no Pilot parameter: the log
+    is detached (paper, App. A.3), so ``output.loss.backward()`` trains both models at once.
+
+    ``copilot=None`` gives the Pilot alone with the same fused loss (the paper's "Pilot-only" baseline).
+    """
+
+    def __init__(self, pilot: nn.Module, copilot: Copilot | None = None, *, impl: str = "auto"):
+        super().__init__()
+        self.pilot = pilot
+        self.copilot = copilot
+        self.impl = impl
+        find_decoder_layers(pilot)  # fail early with a clear message
+        if copilot is not None:
+            vocab = pilot.get_output_embeddings().weight.shape[0]
+            if copilot.config.vocab_size != vocab:
+                raise ValueError(
+                    f"copilot: expected vocab_size={vocab} (the Pilot's LM head), got {copilot.config.vocab_size}"
+                )
+            d = pilot.config.hidden_size
+            if copilot.config.pilot_hidden_size != d:
+                raise ValueError(
+                    f"copilot: expected pilot_hidden_size={d} (the Pilot's width), "
+                    f"got {copilot.config.pilot_hidden_size}"
+                )
+
+    @property
+    def softcap(self) -> float | None:
+        return getattr(self.pilot.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, ignore_index: int = IGNORE_INDEX,
+                num_items_in_batch: int | None = None) -> CopilotOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids: expected a non-empty batch, got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if labels is None:
+            labels = input_ids.masked_fill(attention_mask == 0, ignore_index)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        bsz, length = input_ids.shape
+        pos = positions_from_mask(attention_mask)
+        with pilot_states(self.pilot) as states:
+            hidden, _ = run_base(self.pilot.base_model, input_ids, attention_mask, pos.clamp(min=0))
+        lm_head = self.pilot.get_output_embeddings()
+        target = shift_labels(labels, ignore_index)
+        flat_target = target.reshape(-1)
+        values = self.copilot.capture_values() if self.copilot is not None else None
+        cap = logit_capture(
+            hidden.reshape(bsz * length, -1),
+            lm_head.weight,
+            flat_target,
+            values,
+            ignore_index=ignore_index,
+            softcap=self.softcap,
+            num_items_in_batch=num_items_in_batch,
+            impl=self.impl,
+        )
+        counted = flat_target != ignore_index
+        n_tok = int(counted.sum())
+        if self.copilot is None:
+            return CopilotOutput(cap.loss, cap.loss, None, n_tok)
+
+        cop = self.copilot
+        c = cop.config.hidden_size
+        emb = error_embedding(cop, cap, flat_target, counted).view(bsz, length, c)
+        # Position t reads the error of position t-1; position 0 reads "no error" (bias only).
+        start = cop.error_in.bias.to(emb.dtype).expand(bsz, 1, c)
+        stream = torch.cat([start, emb[:, :-1]], dim=1)
+        log_states = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
+        log_pos = torch.cat([pos, pos], dim=1)
+        g = cop(stream.to(cop.error_in.weight.dtype), log_states, pos, log_pos)
+        copilot_loss = copilot_error_loss(
+            g.reshape(bsz * length, c), cop.error_out.weight, cop.error_out.bias, cap, flat_target,
+            ignore_index=ignore_index, impl=self.impl,
+        )
+        return CopilotOutput(cap.loss + copilot_loss, cap.loss, copilot_loss, n_tok)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, lam: float = 1.0, fusion: str = "probs", **kwargs):
+        """Algorithm 2: see :func:`tcopilot.generate.generate` for every option."""
+        from tcopilot.generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, lam=lam, fusion=fusion, **kwargs)
+
+
+def error_embedding(copilot: Copilot, cap, labels: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``error_in(ell_i) = A[:, y_i] - U_i[:c] + a`` for counted rows, ``a`` elsewhere ([N, c], fp32).
+
+    ``U = p @ A^T`` comes from the capture's pass over the vocabulary, so the V-dimensional error vector
+    never exists (DESIGN.md 4.1).
+    """
+    c = copilot.config.hidden_size
+    a_w, a_b = copilot.error_in.weight, copilot.error_in.bias  # [c, V], [c]
+    safe = labels.clamp(min=0)
+    gathered = a_w.t()[safe].float() - cap.p_values[:, :c]
+    return torch.where(counted[:, None], gathered, torch.zeros_like(gathered)) + a_b.float()
+
+
+__all__ = [
+    "TransformerCopilot",
+    "CopilotOutput",
+    "PilotStates",
+    "pilot_states",
+    "find_decoder_layers",
+    "positions_from_mask",
+    "shift_labels",
+    "run_base",
+    "error_embedding",
+]

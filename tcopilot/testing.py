@@ -1,0 +1,70 @@
+"""Test helpers shipped with the package: tiny random Pilots of three families, and a naive
+(materialising) joint forward used as the oracle of ``TransformerCopilot``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tcopilot import Copilot, TransformerCopilot
+from tcopilot.pilot import pilot_states, positions_from_mask, run_base, shift_labels
+
+VOCAB = 97
+
+
+def tiny_pilot(family: str = "llama", vocab: int = VOCAB, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          tie_word_embeddings=False)
+        return LlamaForCausalLM(cfg).float().eval()
+    if family == "qwen2":
+        cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        return Qwen2ForCausalLM(cfg).float().eval()
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(cfg).float().eval()
+    raise ValueError(family)
+
+
+def tiny_pair(family: str = "llama", copilot_hidden: int | None = None, layers: int = 2, seed: int = 0,
+              randomize_head: bool = True):
+    pilot = tiny_pilot(family, seed=seed)
+    kw = {"num_hidden_layers": layers}
+    if copilot_hidden:
+        kw.update(hidden_size=copilot_hidden, num_attention_heads=2)
+    torch.manual_seed(seed + 1)
+    copilot = Copilot.from_pilot(pilot, **kw).float()
+    if randomize_head:  # a zero head hides bugs in everything downstream of it
+        with torch.no_grad():
+            copilot.error_out.weight.normal_(0, 0.05)
+            copilot.error_out.bias.normal_(0, 0.05)
+    return TransformerCopilot(pilot, copilot, impl="torch")
+
+
+def naive_joint_losses(model: TransformerCopilot, input_ids, attention_mask, labels, ignore_index=-100):
+    """Materialise logits, the full-vocabulary errors and the Copilot's full-vocabulary output."""
+    pilot, cop = model.pilot, model.copilot
+    pos = positions_from_mask(attention_mask)
+    with pilot_states(pilot) as st:
+        hidden, _ = run_base(pilot.base_model, input_ids, attention_mask, pos.clamp(min=0))
+    logits = pilot.get_output_embeddings()(hidden).float()
+    target = shift_labels(labels, ignore_index)
+    counted = target != ignore_index
+    pilot_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index)
+    p = logits.detach().softmax(-1)
+    ell = F.one_hot(target.clamp(min=0), logits.shape[-1]).float() - p
+    ell = ell * counted[..., None]
+    stream_err = torch.cat([torch.zeros_like(ell[:, :1]), ell[:, :-1]], dim=1)
+    stream = cop.error_in(stream_err)
+    log = torch.cat([st.x_tilde, st.pooled], dim=1)
+    g = cop(stream, log, pos, torch.cat([pos, pos], 1))
+    f = cop.error_out(g)
+    diff = ((f - ell) ** 2).sum(-1)[counted]
+    copilot_loss = diff.mean().sqrt()
+    return pilot_loss, copilot_loss, f, logits

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from tcopilot import Copilot, CopilotConfig
+from tcopilot.testing import tiny_pilot
+
+
+def test_layer_pattern_and_zero_head():
+    cfg = CopilotConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2)
+    m = Copilot(cfg)
+    assert [layer.is_log_layer for layer in m.layers] == [False, True, False, True]
+    assert torch.count_nonzero(m.error_out.weight) == 0 and torch.count_nonzero(m.error_out.bias) == 0
+    assert isinstance(m.pilot_proj, torch.nn.Identity)
+
+
+def test_from_pilot_sizes_and_error_in_init():
+    pilot = tiny_pilot("llama")
+    m = Copilot.from_pilot(pilot)
+    assert m.config.vocab_size == pilot.config.vocab_size
+    assert m.config.pilot_hidden_size == pilot.config.hidden_size
+    torch.testing.assert_close(m.error_in.weight, pilot.get_input_embeddings().weight.t())
+    narrow = Copilot.from_pilot(pilot, hidden_size=16)
+    assert isinstance(narrow.pilot_proj, torch.nn.Linear) and narrow.pilot_proj.in_features == 32
+
+
+def test_from_pilot_layers_copies_pretrained_weights():
+    pilot = tiny_pilot("qwen2")
+    m = Copilot.from_pilot_layers(pilot, layers=[2, 0])
+    src = pilot.model.layers
+    torch.testing.assert_close(m.layers[0].self_attn.q_proj.weight, src[2].self_attn.q_proj.weight)
+    torch.testing.assert_close(m.layers[0].self_attn.q_proj.bias, src[2].self_attn.q_proj.bias)
+    torch.testing.assert_close(m.layers[1].mlp.down_proj.weight, src[0].mlp.down_proj.weight)
+    with pytest.raises(ValueError, match="layers"):
+        Copilot.from_pilot_layers(pilot, layers=[7])
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = CopilotConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        pilot_hidden_size=24, use_rope=True)
+    torch.manual_seed(0)
+    m = Copilot(cfg)
+    with torch.no_grad():
+        m.error_out.weight.normal_()
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    m2 = Copilot.from_pretrained(tmp_path)
+    assert m2.config.use_rope and m2.config.pilot_hidden_size == 24
+    sd1, sd2 = m.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+
+
+def test_feedback_matrices_equal_two_vocab_products():
+    torch.manual_seed(0)
+    m = Copilot(CopilotConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2))
+    with torch.no_grad():
+        m.error_out.weight.normal_()
+        m.error_out.bias.normal_()
+    g = torch.randn(5, 8)
+    mm, mv = m.feedback_matrices()
+    torch.testing.assert_close(g @ mm + mv, m.error_in(m.error_out(g)), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_shapes_padding_rows_and_cache_equivalence():
+    torch.manual_seed(0)
+    cfg = CopilotConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, pilot_hidden_size=12, attention_impl="torch")
+    m = Copilot(cfg).eval()
+    B, L = 2, 7
+    x = torch.randn(B, L, 16)
+    log = torch.randn(B, 2 * L, 12)
+    pos = torch.arange(L).expand(B, L).clone()
+    pos[1, :2] = -1  # left padding in row 1
+    pos[1, 2:] -= 2
+    lpos = torch.cat([pos, pos], 1)
+    full = m(x, log, pos, lpos)
+    assert full.shape == (B, L, 16) and torch.isfinite(full).all()
+    # Incremental decoding with the cache gives the same states as the full forward.
+    cache = m.new_cache()
+    outs = [m(x[:, :3], torch.cat([log[:, :3], log[:, L:L + 3]], 1), pos[:, :3],
+              torch.cat([pos[:, :3], pos[:, :3]], 1), cache=cache)]
+    for t in range(3, L):
+        outs.append(m(x[:, t:t + 1], torch.cat([log[:, t:t + 1], log[:, L + t:L + t + 1]], 1), pos[:, t:t + 1],
+                      torch.cat([pos[:, t:t + 1], pos[:, t:t + 1]], 1), cache=cache))
+    inc = torch.cat(outs, 1)
+    real = pos >= 0
+    torch.testing.assert_close(inc[real], full[real], rtol=1e-4, atol=1e-5)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="hidden_size"):
+        CopilotConfig(vocab_size=10, hidden_size=10, num_attention_heads=4)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        CopilotConfig(vocab_size=10, hidden_size=12, num_attention_heads=4, num_key_value_heads=3)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from tcopilot import TransformerCopilot, rectified_next_token
+from tcopilot.pilot import pilot_states, positions_from_mask, run_base
+from tcopilot.testing import tiny_pair
+
+
+def _prompts(B=3, L=6, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    mask[2, :4] = 0
+    ids[2, :4] = 0
+    return ids, mask
+
+
+def naive_generate(model, ids, mask, steps, lam, fusion):
+    """No caches: every step recomputes the Pilot and the Copilot over the whole sequence."""
+    cop = model.copilot
+    L0 = ids.shape[1]
+    fs = []  # the Copilot outputs at generated positions, fed back as inputs
+    for _ in range(steps):
+        pos = positions_from_mask(mask)
+        with pilot_states(model.pilot) as st:
+            hidden, _ = run_base(model.pilot.base_model, ids, mask, pos.clamp(min=0))
+        z = model.pilot.get_output_embeddings()(hidden[:, -1]).float()
+        B, L = ids.shape
+        stream = cop.error_in.bias.expand(B, L, -1).clone()
+        for j, f in enumerate(fs):  # f of position L0-1+j feeds position L0+j
+            stream[:, L0 + j] = cop.error_in(f)
+        log = torch.cat([st.x_tilde, st.pooled], 1)
+        g = cop(stream, log, pos, torch.cat([pos, pos], 1))[:, -1]
+        f = cop.error_out(g)
+        fs.append(f)
+        nxt = rectified_next_token(z, f, lam=lam, fusion=fusion, impl="torch")
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("fusion", ["probs", "logits"])
+def test_cached_generation_equals_naive_recomputation(family, fusion):
+    model = tiny_pair(family, layers=3)
+    with torch.no_grad():  # a strong head so the Copilot actually changes tokens
+        model.copilot.error_out.weight.normal_(0, 2.0)
+    ids, mask = _prompts()
+    with torch.no_grad():
+        fast = model.generate(ids, attention_mask=mask, max_new_tokens=6, lam=1.0, fusion=fusion, impl="torch")
+        slow = naive_generate(model, ids, mask, 6, 1.0, fusion)
+        alone = model.generate(ids, attention_mask=mask, max_new_tokens=6, lam=0.0)
+    assert torch.equal(fast, slow)
+    assert not torch.equal(fast, alone), "the test Copilot is too weak to change any token"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_lambda_zero_equals_pilot_alone_hf_generate(family):
+    model = tiny_pair(family)
+    ids, mask = _prompts()
+    eos = 5
+    with torch.no_grad():
+        ours = model.generate(ids, attention_mask=mask, max_new_tokens=8, lam=0.0, eos_token_id=eos, pad_token_id=0)
+        hf = model.pilot.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=0)
+    assert torch.equal(ours, hf[:, : ours.shape[1]])
+    assert hf.shape[1] == ours.shape[1] or (hf[:, ours.shape[1]:] == 0).all()
+
+
+def test_sampling_reproducible_with_seed_and_eos_padding():
+    model = tiny_pair("llama")
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=10, lam=1.0, temperature=1.0, top_k=20, top_p=0.9)
+    a = model.generate(ids, generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate(ids, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b)
+    eos = int(a[0, ids.shape[1]])  # force row 0 to stop at once
+    c = model.generate(ids, generator=torch.Generator().manual_seed(3), eos_token_id=eos, pad_token_id=0, **kw)
+    assert c[0, ids.shape[1]] == eos and (c[0, ids.shape[1] + 1:] == 0).all()
+
+
+def test_pilot_only_model_generates_and_bad_args():
+    model = tiny_pair("llama")
+    alone = TransformerCopilot(model.pilot, None)
+    ids, mask = _prompts()
+    out = alone.generate(ids, attention_mask=mask, max_new_tokens=3, lam=1.0)
+    assert out.shape == (3, ids.shape[1] + 3)
+    with pytest.raises(ValueError, match="lam"):
+        model.generate(ids, max_new_tokens=2, lam=float("nan"))
+    with pytest.raises(ValueError, match="fusion"):
+        model.generate(ids, max_new_tokens=2, fusion="sum")
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(ids, max_new_tokens=2, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(ids[:0], max_new_tokens=2)

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from tcopilot import TransformerCopilot
+from tcopilot.testing import naive_joint_losses, tiny_pair, tiny_pilot
+
+
+def _batch(vocab=97, B=3, L=11, seed=0, left_pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    if left_pad:
+        mask[1, :3] = 0
+        ids[1, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # the "prompt": no loss there, as in instruction tuning
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_losses_and_gradients_match_materialised_oracle(family):
+    model = tiny_pair(family)
+    ids, mask, labels = _batch()
+    out = model(ids, attention_mask=mask, labels=labels)
+    ref_p, ref_c, _, _ = naive_joint_losses(model, ids, mask, labels)
+    torch.testing.assert_close(out.pilot_loss, ref_p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.copilot_loss, ref_c, rtol=1e-5, atol=1e-6)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_fused = torch.autograd.grad(out.loss, params, allow_unused=True)
+    g_ref = torch.autograd.grad(ref_p + ref_c, params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), g_fused, g_ref):
+        a = torch.zeros(1) if a is None else a
+        b = torch.zeros(1) if b is None else b
+        torch.testing.assert_close(a.expand_as(b) if a.numel() == 1 else a, b, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_pilot_loss_equals_hugging_face_loss_and_copilot_never_touches_pilot():
+    model = tiny_pair("llama")
+    ids, mask, labels = _batch(left_pad=False)
+    out = model(ids, attention_mask=mask, labels=labels)
+    hf = model.pilot(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(out.pilot_loss, hf, rtol=1e-5, atol=1e-6)
+    out.copilot_loss.backward()
+    for name, p in model.pilot.named_parameters():
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.copilot.parameters())
+
+
+def test_narrow_copilot_and_pilot_only():
+    model = tiny_pair("llama", copilot_hidden=16)
+    ids, mask, labels = _batch()
+    out = model(ids, attention_mask=mask, labels=labels)
+    ref_p, ref_c, _, _ = naive_joint_losses(model, ids, mask, labels)
+    torch.testing.assert_close(out.copilot_loss, ref_c, rtol=1e-5, atol=1e-6)
+    alone = TransformerCopilot(model.pilot, None, impl="torch")
+    o2 = alone(ids, attention_mask=mask, labels=labels)
+    assert o2.copilot_loss is None
+    torch.testing.assert_close(o2.loss, ref_p, rtol=1e-5, atol=1e-6)
+
+
+def test_all_ignored_batch_gives_zero_losses_not_nan():
+    model = tiny_pair("llama")
+    ids, mask, _ = _batch()
+    labels = torch.full_like(ids, -100)
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert out.pilot_loss.item() == 0.0 and out.copilot_loss.item() == 0.0
+    out.loss.backward()
+    for p in model.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+def test_bad_inputs():
+    model = tiny_pair("llama")
+    ids, mask, labels = _batch()
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, attention_mask=mask, labels=labels[:, :-1])
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids[0], attention_mask=mask, labels=labels)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids[:0])
+    bad = labels.clone()
+    bad[0, -1] = 500
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, attention_mask=mask, labels=bad)
+    from tcopilot import Copilot
+
+    other = Copilot.from_pilot(tiny_pilot("llama", vocab=50))
+    with pytest.raises(ValueError, match="vocab_size"):
+        TransformerCopilot(model.pilot, other)
