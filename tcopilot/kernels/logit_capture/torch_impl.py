@@ -1,0 +1,279 @@
+"""Pure-PyTorch production path of :func:`tcopilot.logit_capture` (DESIGN.md 4.1, 4.3).
+
+Rows are processed in chunks of ``T`` tokens so that no ``[N x V]`` tensor ever exists: per chunk one GEMM
+gives the logits ``[T x V]``, which are turned in place into probabilities, reduced to the per-row statistics
+and multiplied by ``values``. The backward recomputes each chunk from ``(hidden, weight, lse)`` and serves the
+loss gradient (``d hidden``, ``d weight``) and the log gradient (``d values``) from the same recomputed ``p``.
+
+Math runs in fp32 (fp64 when the inputs are fp64), whatever the storage dtype; fp16/bf16 ``weight`` and
+``values`` are upcast once per call (a ``[V, d]`` / ``[V, k]`` copy), and the backward holds one fp32
+``[V, d]`` accumulator for ``d weight``. Peak extra memory is therefore about one ``[T x V]`` chunk (two with
+``softcap``) plus those ``[V, *]`` copies, independent of N. Inputs are assumed validated by :mod:`.api`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .capture import Capture
+
+# Elements of one chunk's logits: 2**22 fp32 values = 16 MiB, small next to any real model yet large enough
+# for the GEMMs to run near peak on a CPU.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk such that ``rows * vocab_size <= 2**22`` (at least one row)."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _topk_lowest_id(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``z`` in descending order, equal values ordered by ascending id.
+
+    ``torch.topk`` does not promise which of several equal values it returns, nor their order (on the CPU it
+    was seen returning ids 502, 501, 500 for three equal values, and skipping lower equal ids). The values
+    it returns are unique, though, so they fix the k-th value ``thr``; every entry above ``thr`` is taken,
+    and the remaining slots go to the lowest ids equal to ``thr``. A stable sort of the k winners by value
+    then puts equal values in id order.
+    """
+    vocab = z.shape[1]
+    thr = torch.topk(z, k, dim=1, sorted=True).values[:, k - 1 : k]
+    above = z > thr
+    tie = z == thr
+    slots = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
+    take = above | (tie & (tie.cumsum(dim=1, dtype=torch.int32) <= slots))
+    # Exactly k entries per row are taken. Keying them by (vocab - id) and taking the top-k of the keys
+    # lists them in ascending id without a data-dependent shape (no nonzero, no host sync).
+    key = take * torch.arange(vocab, 0, -1, device=z.device, dtype=torch.int32)
+    ids = vocab - torch.topk(key, k, dim=1, sorted=True).values.long()
+    logits = z.gather(1, ids)
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order), logits.gather(1, order)
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """Uncapped logits ``h @ w.T`` of one chunk in the compute dtype (``w`` already in it)."""
+    return h.to(cd) @ w.T
+
+
+class LogitCaptureTorchFunction(torch.autograd.Function):
+    """Chunked forward and backward of the capture; see the module docstring.
+
+    ``forward(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
+    label_smoothing, z_loss, chunk_size)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
+    topk_logits)`` with ``None`` for absent outputs. ``denom`` is the "mean" denominator as a 0-d tensor, or
+    ``None`` for the number of counted rows. Saved for backward: hidden, weight, the clamped labels, the
+    counted mask, lse, token weights and the denominator; never anything of size ``N x V``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        labels,
+        values,
+        token_weights,
+        denom,
+        ignore_index,
+        reduction,
+        topk,
+        softcap,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+    ):
+        n, d = hidden.shape
+        vocab = weight.shape[0]
+        cd = _compute_dtype(hidden.dtype)
+        dev = hidden.device
+        eps = float(label_smoothing)
+        chunk = int(chunk_size) if chunk_size else default_chunk_size(vocab)
+
+        w = weight.to(cd)
+        lab = labels.long()
+        counted = lab != ignore_index
+        y = torch.where(counted, lab, torch.zeros_like(lab))
+        vals = values.to(cd) if values is not None else None
+
+        # Poisoned, so a row the chunk loop failed to write shows up as NaN (or id -1) in the tests.
+        def buf(*shape, dtype=cd, fill=float("nan")):
+            return torch.full(shape, fill, dtype=dtype, device=dev)
+
+        lse, z_y, p_target, p_sq_sum = buf(n), buf(n), buf(n), buf(n)
+        z_mean = buf(n) if eps > 0 else None
+        p_values = buf(n, vals.shape[1]) if vals is not None else None
+        topk_ids = buf(n, topk, dtype=torch.int64, fill=-1) if topk > 0 else None
+        topk_logits = buf(n, topk) if topk > 0 else None
+
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            z = _chunk_logits(hidden[r0:r1], w, cd)
+            if softcap is not None:
+                z.div_(softcap).tanh_().mul_(softcap)
+            yc = y[r0:r1, None]
+            z_y[r0:r1] = z.gather(1, yc).squeeze(1)
+            if z_mean is not None:
+                z_mean[r0:r1] = z.mean(dim=1)
+            if topk > 0:
+                topk_ids[r0:r1], topk_logits[r0:r1] = _topk_lowest_id(z, topk)
+            # z becomes p in place, so a chunk costs one [T, V] buffer.
+            m = z.amax(dim=1, keepdim=True)
+            p = z.sub_(m).exp_()
+            s = p.sum(dim=1, keepdim=True)
+            p.div_(s)
+            lse[r0:r1] = (m + s.log()).squeeze(1)
+            p_target[r0:r1] = p.gather(1, yc).squeeze(1)
+            # A batched row-dot avoids the [T, V] temporary of (p * p).sum(1).
+            p_sq_sum[r0:r1] = torch.bmm(p.unsqueeze(1), p.unsqueeze(2)).view(-1)
+            if vals is not None:
+                torch.mm(p, vals, out=p_values[r0:r1])
+            del z, p
+
+        p_target = torch.where(counted, p_target, torch.zeros_like(p_target))
+        row = lse - z_y
+        if eps > 0:
+            row = (1.0 - eps) * row + eps * (lse - z_mean)
+        if z_loss:
+            row = row + z_loss * lse * lse
+        tw = token_weights.to(cd) if token_weights is not None else None
+        if tw is not None:
+            row = row * tw
+        row = torch.where(counted, row, torch.zeros_like(row))
+
+        if denom is None:
+            denom = counted.sum().clamp(min=1).to(cd)
+        if reduction == "none":
+            loss = row
+        elif reduction == "sum":
+            loss = row.sum()
+        else:
+            loss = row.sum() / denom
+
+        ctx.save_for_backward(hidden, weight, y, counted, lse, tw, denom)
+        ctx.cfg = (reduction, softcap, eps, float(z_loss), chunk, cd)
+        ctx.values_meta = (values.shape, values.dtype) if values is not None else None
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(
+            *[t for t in (lse, p_target, p_sq_sum, topk_ids, topk_logits) if t is not None]
+        )
+        return loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_values, _g_ids, _g_tl):
+        hidden, weight, y, counted, lse, tw, denom = ctx.saved_tensors
+        reduction, softcap, eps, z_loss, chunk, cd = ctx.cfg
+        need_h, need_w, _, need_v = ctx.needs_input_grad[:4]
+        do_loss = g_loss is not None and (need_h or need_w)
+        do_vals = g_values is not None and need_v and ctx.values_meta is not None
+        none_tail = (None,) * 9
+        if not (do_loss or do_vals):
+            return (None, None, None, None) + none_tail
+
+        n = hidden.shape[0]
+        vocab = weight.shape[0]
+        w = weight.to(cd)
+
+        d_hidden = d_weight = d_values = None
+        if do_loss:
+            g = g_loss.to(cd)
+            if reduction == "none":
+                coef = g
+            elif reduction == "sum":
+                coef = g.expand(n)
+            else:
+                coef = (g / denom).expand(n)
+            if tw is not None:
+                coef = coef * tw
+            # where, not a multiply: a NaN upstream gradient on an ignored row must not leak.
+            coef = torch.where(counted, coef, torch.zeros_like(coef))
+            # d row / d z_v = (1 + 2 z_loss lse) p_v - (1 - eps) [v = y] - eps / V
+            scale_p = (coef * (1.0 + 2.0 * z_loss * lse))[:, None] if z_loss else coef[:, None]
+            hot = (-(1.0 - eps) * coef)[:, None]
+            uniform = (eps / vocab) * coef[:, None] if eps > 0 else None
+            if need_h:
+                d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            if need_w:
+                d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+        if do_vals:
+            gv = g_values.to(cd)
+            shape, _ = ctx.values_meta
+            d_values = torch.zeros(shape, dtype=cd, device=weight.device)
+
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            h = hidden[r0:r1].to(cd)
+            z = h @ w.T
+            if softcap is not None:
+                t = z.div_(softcap).tanh_()
+                p = torch.mul(t, softcap).sub_(lse[r0:r1, None]).exp_()
+                cap_grad = t.mul_(t).neg_().add_(1.0)  # d(s tanh(z/s))/dz = 1 - tanh^2
+            else:
+                p = z.sub_(lse[r0:r1, None]).exp_()
+                cap_grad = None
+            if do_vals:
+                d_values.addmm_(p.T, gv[r0:r1])
+            if do_loss:
+                dz = p.mul_(scale_p[r0:r1])
+                if uniform is not None:
+                    dz.sub_(uniform[r0:r1])
+                dz.scatter_add_(1, y[r0:r1, None], hot[r0:r1])
+                if cap_grad is not None:
+                    dz.mul_(cap_grad)
+                if need_h:
+                    d_hidden[r0:r1] = dz @ w
+                if need_w:
+                    d_weight.addmm_(dz.T, h)
+            del z, p, cap_grad
+
+        if d_weight is not None:
+            d_weight = d_weight.to(weight.dtype)
+        if d_values is not None:
+            d_values = d_values.to(ctx.values_meta[1])
+        return (d_hidden, d_weight, None, d_values) + none_tail
+
+
+def logit_capture_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    values: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    topk: int = 0,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    token_weights: torch.Tensor | None = None,
+    num_items_in_batch=None,
+    chunk_size: int | None = None,
+) -> Capture:
+    """Chunked pure-PyTorch capture; same arguments as :func:`tcopilot.logit_capture` plus ``chunk_size``
+    (rows per chunk; default :func:`default_chunk_size`)."""
+    cd = _compute_dtype(hidden.dtype)
+    denom = None
+    if num_items_in_batch is not None and reduction == "mean":
+        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(cd).reshape(())
+    out = LogitCaptureTorchFunction.apply(
+        hidden,
+        weight,
+        labels,
+        values,
+        token_weights,
+        denom,
+        ignore_index,
+        reduction,
+        int(topk),
+        softcap,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+    )
+    return Capture(*out)
