@@ -101,9 +101,14 @@ def log_attention(
     """
     scale = _validate(q, k, v, q_pos, k_pos, scale)
     # Only look for the kernel when it could be chosen, so CPU calls never import Triton.
-    wants_triton = impl == "triton" or (impl == "auto" and q.device.type == "cuda")
+    # fp64 has no tensor-core path: "auto" keeps it on the PyTorch path (explicit "triton" still raises).
+    on_gpu = q.device.type == "cuda" and q.dtype != torch.float64
+    wants_triton = impl == "triton" or (impl == "auto" and on_gpu)
     triton_fn = _triton_fn() if wants_triton else None
-    chosen = resolve_impl(impl, q.device, "log_attention", triton_available=triton_fn is not None)
+    if impl == "auto" and not wants_triton:
+        chosen = "torch"
+    else:
+        chosen = resolve_impl(impl, q.device, "log_attention", triton_available=triton_fn is not None)
     if chosen == "triton":
         return triton_fn(q, k, v, q_pos, k_pos, scale)
     from .torch_impl import log_attention_torch

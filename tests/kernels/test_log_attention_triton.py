@@ -1,0 +1,298 @@
+"""Triton log_attention (DESIGN 4.5) against an fp64 oracle: outputs and dq/dk/dv.
+
+On machines without CUDA the kernels run under TRITON_INTERPRET=1 (set before Triton is imported), with
+tiny shapes: under the interpreter every tile is 16 x 16, so L <= 64 already gives several query blocks,
+key tiles and decode splits. fp32 is compared tightly, fp16 against 2x PyTorch's own fp16 error (DESIGN 6).
+bf16 tl.dot is broken in the interpreter, so bf16 is tested on a GPU only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / the kernels
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from tcopilot.kernels.log_attention.triton_impl import (  # noqa: E402
+    log_attention_fwd,
+    log_attention_triton,
+    tile_schedule,
+)
+
+try:
+    from tcopilot.kernels.log_attention.reference import log_attention_reference
+except ImportError:  # the oracle lives in another module; fall back to the materialised softmax below
+    log_attention_reference = None
+
+DEV = "cuda" if _HAS_CUDA else "cpu"
+
+
+def _naive(q, k, v, q_pos, k_pos, scale):
+    """Materialised masked softmax computed in the inputs' dtype ("PyTorch at this dtype")."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    vis = ((k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None]))[:, None]
+    any_vis = vis.any(-1, keepdim=True)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~vis, float("-inf")).masked_fill(~any_vis, 0.0)
+    p = torch.where(any_vis, torch.softmax(s, -1), torch.zeros_like(s))
+    return p @ v
+
+
+def _oracle(q, k, v, q_pos, k_pos, scale):
+    if log_attention_reference is not None:
+        return log_attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, scale=scale)
+    return _naive(q, k, v, q_pos, k_pos, scale)
+
+
+def _fwd_bwd(fn, q, k, v, do, dtype=None):
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(do.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _inputs(b, hq, hk, lq, lk, d, dv, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g)
+    k = torch.randn(b, hk, lk, d, generator=g)
+    v = torch.randn(b, hk, lk, dv, generator=g)
+    do = torch.randn(b, hq, lq, dv, generator=g)
+    return [t.to(DEV, dtype) for t in (q, k, v, do)]
+
+
+def _check(q, k, v, do, q_pos, k_pos, *, scale=None, clean=None):
+    """Triton fwd+bwd vs the fp64 oracle. ``clean`` = (k, v) to give the oracle instead of poisoned ones."""
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    q_pos, k_pos = q_pos.to(DEV), k_pos.to(DEV)
+    got = _fwd_bwd(lambda a, b, c: log_attention_triton(a, b, c, q_pos, k_pos, scale), q, k, v, do)
+    ko, vo = clean if clean is not None else (k, v)
+    want = _fwd_bwd(lambda a, b, c: _oracle(a, b, c, q_pos, k_pos, scale), q, ko, vo, do, torch.float64)
+    names = ("out", "dq", "dk", "dv")
+    assert got[0].dtype == q.dtype and got[0].shape == (*q.shape[:3], v.shape[-1])
+    for name, x in zip(names, got):
+        assert torch.isfinite(x).all(), f"{name} has non-finite values"
+    if q.dtype == torch.float32:
+        for name, x, y in zip(names, got, want):
+            torch.testing.assert_close(x.double(), y, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    else:
+        # DESIGN 6: error vs fp64 at most 2x PyTorch's own error at this dtype, plus a small atol.
+        base = _fwd_bwd(lambda a, b, c: _naive(a, b, c, q_pos, k_pos, scale), q, ko, vo, do)
+        for name, x, y, t in zip(names, got, want, base):
+            err = (x.double() - y).abs().max().item()
+            ref_err = (t.double() - y).abs().max().item()
+            msg = f"{name}: error {err:.3e} vs torch {q.dtype} error {ref_err:.3e}"
+            assert err <= 2 * ref_err + 2e-3, msg
+    return got
+
+
+def _ar(n, b=1, start=0):
+    return torch.arange(start, start + n).repeat(b, 1)
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+
+def test_tile_schedule_skips_invisible_tiles():
+    # Causal 64 x 64 in 16-tiles: block i has i full tiles below the diagonal and 1 partial on it.
+    pos = _ar(64)
+    fc, fi, pc, pi = tile_schedule(pos, pos, 16, 16)
+    assert fc.tolist() == [[0, 1, 2, 3]] and pc.tolist() == [[1, 1, 1, 1]]
+    assert fi[0, 3, :3].tolist() == [0, 1, 2] and pi[0, 3, 0].item() == 3
+    # Two-segment log: the same pattern in both segments, nothing past the diagonal of either.
+    fc, fi, pc, pi = tile_schedule(pos, torch.cat([pos, pos], 1), 16, 16)
+    assert fc.tolist() == [[0, 2, 4, 6]] and pc.tolist() == [[2, 2, 2, 2]]
+    assert pi[0, 1, :2].tolist() == [1, 5]
+    # By key tile (the dK/dV kernel): key tile j meets 3 - j full query blocks and 1 partial.
+    fc, _, pc, _ = tile_schedule(pos, pos, 16, 16, by_key=True)
+    assert fc.tolist() == [[3, 2, 1, 0]] and pc.tolist() == [[1, 1, 1, 1]]
+    # Left padding and a ragged tail: a tile with a padded key (or past Lk) is never "full".
+    kp = torch.cat([torch.full((1, 5), -1), _ar(35)], 1)  # Lk = 40: 3 tiles, the last one ragged
+    fc, _, pc, _ = tile_schedule(_ar(40, start=-5), kp, 16, 16)
+    assert fc.tolist() == [[0, 0, 1]] and pc.tolist() == [[1, 2, 2]]
+    # All-padding tiles are skipped by everyone.
+    kp = torch.cat([torch.full((1, 32), -7), _ar(32)], 1)
+    fc, _, pc, _ = tile_schedule(_ar(32), kp, 16, 16)
+    assert (fc + pc).tolist() == [[1, 2]]
+
+
+# ------------------------------------------------------------------------------------------------ fp32
+
+
+def test_causal_fp32():
+    q, k, v, do = _inputs(1, 2, 2, 40, 40, 16, 16)
+    _check(q, k, v, do, _ar(40), _ar(40))
+
+
+def test_two_segment_log_gqa2_strided_dv_ne_d():
+    # The Copilot's log: X~ positions then pooled-h positions, each sorted. q/k/v are strided views of
+    # [B, L, H, D] buffers (k and v interleaved in one buffer), as a projection would produce them.
+    b, hq, hk, lq, d, dv = 1, 4, 2, 40, 32, 16
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, lq, hq, d, generator=g).to(DEV).transpose(1, 2)
+    kv = torch.randn(b, 2 * lq, hk, d + dv, generator=g).to(DEV)
+    k, v = kv[..., :d].transpose(1, 2), kv[..., d:].transpose(1, 2)
+    do = torch.randn(b, hq, lq, dv, generator=g).to(DEV)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    _check(q, k, v, do, _ar(lq), torch.cat([_ar(lq), _ar(lq)], 1))
+
+
+def test_left_padding_gqa4_empty_rows():
+    # Batch row 0 left-padded by 6 (queries with negative positions see nothing), row 1 unpadded.
+    b, n = 2, 36
+    pos = torch.stack([torch.arange(n) - 6, torch.arange(n)])
+    q, k, v, do = _inputs(b, 4, 1, n, n, 16, 16, seed=2)
+    out, dq, dk, dv = _check(q, k, v, do, pos, pos)
+    assert (out[0, :, :6] == 0).all() and (dq[0, :, :6] == 0).all()
+    assert (dk[0, :, :6] == 0).all() and (dv[0, :, :6] == 0).all()
+
+
+def test_cross_unsorted_positions_lq_ne_lk():
+    # Lq != Lk and key positions in no particular order, with some padding: no causal cutoff to exploit.
+    # Narrow integer position dtypes are accepted as they come.
+    g = torch.Generator().manual_seed(3)
+    kp = (torch.randperm(56, generator=g)[None] - 8).to(torch.int16)  # 8 padded keys scattered around
+    qp = torch.randint(-2, 50, (1, 24), generator=g).to(torch.int8)
+    q, k, v, do = _inputs(1, 2, 1, 24, 56, 16, 32, seed=3)
+    _check(q, k, v, do, qp, kp, scale=0.3)
+
+
+def test_non_power_of_two_head_dims():
+    q, k, v, do = _inputs(1, 2, 1, 20, 20, 24, 40, seed=4)
+    _check(q, k, v, do, _ar(20), _ar(20))
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+
+def test_decode_split_k_gqa_padding():
+    # Lq = 1 against a 64-key cache: split-K over 4 key tiles, GQA rows packed, one query sees nothing.
+    b, hq, hk, lk = 3, 4, 2, 64
+    q, k, v, do = _inputs(b, hq, hk, 1, lk, 16, 32, seed=5)
+    kp = torch.stack([torch.arange(lk), torch.arange(lk) - 10, torch.arange(lk)])
+    qp = torch.tensor([[63], [20], [-1]])
+    out, lse = log_attention_fwd(q, k, v, qp.to(DEV, torch.int32), kp.to(DEV, torch.int32), 0.25,
+                                 decode=True, num_splits=4)  # fmt: skip
+    want = _oracle(q.double(), k.double(), v.double(), qp.to(DEV), kp.to(DEV), 0.25)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(lse[2]).all() and torch.isfinite(lse[:2]).all()
+    # The regular kernel on a single query row gives the same output and lse.
+    out2, lse2 = log_attention_fwd(q, k, v, qp.to(DEV, torch.int32), kp.to(DEV, torch.int32), 0.25,
+                                   decode=False)  # fmt: skip
+    torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse2, lse, atol=1e-6, rtol=1e-6)
+    # Through autograd: the default path for Lq = 1 is split-K, the backward the normal kernels.
+    got = _check(q, k, v, do, qp, kp)
+    assert (got[0][2] == 0).all() and (got[1][2] == 0).all()
+
+
+def test_decode_small_lq_uneven_splits():
+    # Lq = 3 queries x 4 heads per kv head = 12 packed rows; 5 key tiles over 2 splits (3 + 2 tiles).
+    q, k, v, do = _inputs(1, 4, 1, 3, 72, 16, 16, seed=6)
+    qp, kp = torch.tensor([[40, 55, 71]]), _ar(72)
+    out, _ = log_attention_fwd(q, k, v, qp.to(DEV, torch.int32), kp.to(DEV, torch.int32), 0.25,
+                               decode=True, num_splits=2)  # fmt: skip
+    want = _oracle(q.double(), k.double(), v.double(), qp.to(DEV), kp.to(DEV), 0.25)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ skipping
+
+
+def test_masked_tiles_are_never_read():
+    # Keys 32..63 are invisible to every query (positions 0..31): their tiles must be skipped, so NaN
+    # there cannot reach the output or gradients. Padded keys (negative positions) inside a visited tile
+    # are never read either.
+    q, k, v, do = _inputs(1, 2, 1, 32, 64, 16, 16, seed=7)
+    kp = _ar(64)
+    kp[0, :3] = -1
+    ko, vo = k.clone(), v.clone()
+    for t in (k, v):
+        t[:, :, 32:] = float("nan")
+        t[:, :, :3] = float("nan")
+    out, dq, dk, dv = _check(q, k, v, do, _ar(32), kp, clean=(ko, vo))
+    assert (dk[:, :, 32:] == 0).all() and (dv[:, :, :3] == 0).all()
+    # Same for the split-K decode path (a query at position 20: tiles 2 and 3 are invisible).
+    out, _ = log_attention_fwd(q[:, :, :1], k, v, torch.tensor([[20]], dtype=torch.int32, device=DEV),
+                               kp.to(DEV, torch.int32), 0.25, decode=True, num_splits=4)  # fmt: skip
+    want = _oracle(q[:, :, :1].double(), ko.double(), vo.double(), torch.tensor([[20]], device=DEV),
+                   kp.to(DEV), 0.25)  # fmt: skip
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ fp16
+
+
+def test_fp16_two_segment_gqa2():
+    q, k, v, do = _inputs(1, 4, 2, 32, 64, 32, 32, dtype=torch.float16, seed=8)
+    _check(q, k, v, do, _ar(32), torch.cat([_ar(32), _ar(32)], 1))
+
+
+def test_fp16_decode():
+    q, k, v, do = _inputs(2, 2, 1, 1, 48, 16, 16, dtype=torch.float16, seed=9)
+    _check(q, k, v, do, torch.tensor([[47], [30]]), _ar(48, 2))
+
+
+# ------------------------------------------------------------------------------------------------ api, errors
+
+
+def test_public_api_dispatches_to_triton():
+    from tcopilot.kernels.log_attention.api import log_attention
+
+    q, k, v, _ = _inputs(1, 2, 1, 16, 32, 16, 16, seed=10)
+    pos = _ar(16).to(DEV)
+    out = log_attention(q, k, v, q_pos=pos, k_pos=torch.cat([pos, pos], 1), impl="triton")
+    want = _oracle(q.double(), k.double(), v.double(), pos, torch.cat([pos, pos], 1), 0.25)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(_HAS_CUDA, reason="the interpreter's bf16 workaround; bf16 on a GPU is tested below")
+def test_bf16_under_interpreter_runs_in_fp32():
+    q, k, v, _ = _inputs(1, 2, 1, 16, 16, 16, 16, dtype=torch.bfloat16, seed=11)
+    out = log_attention_triton(q, k, v, _ar(16), _ar(16), 0.25)
+    want = _oracle(q.double(), k.double(), v.double(), _ar(16), _ar(16), 0.25)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_unsupported_inputs_raise():
+    q = torch.zeros(1, 1, 4, 16, dtype=torch.float64, device=DEV)
+    pos = _ar(4).to(DEV)
+    with pytest.raises(ValueError, match="float64"):
+        log_attention_triton(q, q, q, pos, pos, 0.25)
+    q = torch.zeros(1, 1, 4, 512, device=DEV)
+    with pytest.raises(ValueError, match="head dim"):
+        log_attention_triton(q, q, q, pos, pos, 0.25)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_realistic_two_segment(d, dtype):
+    # Copilot-like: B=2, 8 query heads over 2 kv heads, L=1000 (ragged), the log is 2L keys, left padding.
+    b, hq, hk, lq = 2, 8, 2, 1000
+    q, k, v, do = _inputs(b, hq, hk, lq, 2 * lq, d, d, dtype=dtype, seed=12)
+    qp = torch.stack([torch.arange(lq), torch.arange(lq) - 37])
+    _check(q, k, v, do, qp, torch.cat([qp, qp], 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("group", [1, 4])
+def test_gpu_decode_long_cache(group):
+    b, hk, lk = 4, 2, 8192
+    q, k, v, do = _inputs(b, hk * group, hk, 1, lk, 128, 128, dtype=torch.bfloat16, seed=13)
+    qp = torch.tensor([[8191], [4000], [17], [-1]])
+    kp = torch.cat([_ar(lk // 2, b), _ar(lk // 2, b)], 1)
+    _check(q, k, v, do, qp, kp)
