@@ -46,10 +46,10 @@ def _load_cfg(run_dir: str):
 
 
 def _eval(args) -> int:
+    from tcopilot.copilot import param_count
     from tcopilot.data.arithmetic import generate_arithmetic
     from tcopilot.data.tokenizer import WordTokenizer
     from tcopilot.experiment import evaluation_grid, load_run_model, write_report
-    from tcopilot.copilot import param_count
 
     cfg = _load_cfg(args.run_dir)
     if args.lam:

@@ -59,8 +59,7 @@ class CopilotConfig(PretrainedConfig):
     ):
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
-                f"hidden_size: expected a multiple of num_attention_heads={num_attention_heads}, "
-                f"got {hidden_size}"
+                f"hidden_size: expected a multiple of num_attention_heads={num_attention_heads}, got {hidden_size}"
             )
         num_key_value_heads = num_key_value_heads or num_attention_heads
         if num_attention_heads % num_key_value_heads != 0:
@@ -264,9 +263,7 @@ class Copilot(PreTrainedModel):
         c, v = config.hidden_size, config.vocab_size
         self.error_in = nn.Linear(v, c, bias=True)
         self.pilot_proj = (
-            nn.Linear(config.pilot_hidden_size, c, bias=False)
-            if config.pilot_hidden_size != c
-            else nn.Identity()
+            nn.Linear(config.pilot_hidden_size, c, bias=False) if config.pilot_hidden_size != c else nn.Identity()
         )
         self.layers = nn.ModuleList(CopilotLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(c, config.rms_norm_eps)

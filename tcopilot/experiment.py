@@ -48,9 +48,11 @@ class ExperimentConfig:
     max_new_tokens: int = 40
     eval_batch_size: int = 100
     lams: tuple = (0.5, 1.0)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=300, batch_size=32, lr_pilot=2e-3, lr_copilot=2e-3, warmup_steps=30, ckpt_every=100,
-        log_every=10))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=300, batch_size=32, lr_pilot=2e-3, lr_copilot=2e-3, warmup_steps=30, ckpt_every=100, log_every=10
+        )
+    )
 
 
 def build_pilot(vocab_size: int, cfg: ExperimentConfig, pad_token_id: int):
@@ -101,17 +103,33 @@ def load_run_model(model_dir: str) -> TransformerCopilot:
 
 
 def evaluation_grid(cfg: ExperimentConfig, pilot_only, joint, tok, test, progress: bool) -> list[dict]:
-    kw = dict(style=cfg.style, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-              progress=progress)
-    rows = [{"system": "Pilot alone (trained without Copilot)", "fusion": "-", "lam": 0.0,
-             **evaluate_accuracy(pilot_only, tok, test, lam=0.0, desc="pilot-only", **kw)}]
-    rows.append({"system": "Pilot of the joint run, Copilot off", "fusion": "-", "lam": 0.0,
-                 **evaluate_accuracy(joint, tok, test, lam=0.0, desc="joint lam=0", **kw)})
+    kw = dict(style=cfg.style, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress)
+    rows = [
+        {
+            "system": "Pilot alone (trained without Copilot)",
+            "fusion": "-",
+            "lam": 0.0,
+            **evaluate_accuracy(pilot_only, tok, test, lam=0.0, desc="pilot-only", **kw),
+        }
+    ]
+    rows.append(
+        {
+            "system": "Pilot of the joint run, Copilot off",
+            "fusion": "-",
+            "lam": 0.0,
+            **evaluate_accuracy(joint, tok, test, lam=0.0, desc="joint lam=0", **kw),
+        }
+    )
     for fusion in ("probs", "logits"):
         for lam in cfg.lams:
-            rows.append({"system": "Pilot + Copilot", "fusion": fusion, "lam": lam,
-                         **evaluate_accuracy(joint, tok, test, lam=lam, fusion=fusion,
-                                             desc=f"{fusion} lam={lam}", **kw)})
+            rows.append(
+                {
+                    "system": "Pilot + Copilot",
+                    "fusion": fusion,
+                    "lam": lam,
+                    **evaluate_accuracy(joint, tok, test, lam=lam, fusion=fusion, desc=f"{fusion} lam={lam}", **kw),
+                }
+            )
     return rows
 
 
@@ -144,19 +162,23 @@ def write_report(cfg: ExperimentConfig, rows, times, sizes, wall: float) -> str:
         f"Copilot: {cfg.copilot_layers} layers, width {cfg.pilot_hidden}, {sizes['copilot']:,} parameters. "
         f"{cfg.train.steps} steps of batch {cfg.train.batch_size}, seed {cfg.seed}, same data order for both runs.",
         "",
-        "| system | fusion | lambda | accuracy | vs Pilot alone (gained / lost questions, sign-test p) | decode tokens/s |",
+        "| system | fusion | lambda | accuracy | vs Pilot alone (gained / lost, sign-test p) | decode tokens/s |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         up, down, p = sign_test(base["correct"], r["correct"])
         cmp = "-" if r is base else f"+{up} / -{down}, p={p:.3f}"
-        lines.append(f"| {r['system']} | {r['fusion']} | {r['lam']} | {100 * r['accuracy']:.1f}% | {cmp} | "
-                     f"{r['tokens_per_s']:.0f} |")
+        lines.append(
+            f"| {r['system']} | {r['fusion']} | {r['lam']} | {100 * r['accuracy']:.1f}% | {cmp} | "
+            f"{r['tokens_per_s']:.0f} |"
+        )
     lines += [
         "",
         "| training | median time per step |",
         "|---|---|",
-        f"| Pilot alone | {times['pilot_only'] * 1000:.0f} ms |" if times["pilot_only"] else "| Pilot alone | (loaded) |",
+        f"| Pilot alone | {times['pilot_only'] * 1000:.0f} ms |"
+        if times["pilot_only"]
+        else "| Pilot alone | (loaded) |",
         f"| Pilot + Copilot (joint) | {times['joint'] * 1000:.0f} ms |" if times["joint"] else "| joint | (loaded) |",
         "",
         "Decode tokens/s: generated tokens (up to EOS) per second of wall time, batches of "

@@ -17,23 +17,50 @@ def tiny_pilot(family: str = "llama", vocab: int = VOCAB, seed: int = 0):
 
     torch.manual_seed(seed)
     if family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
         return LlamaForCausalLM(cfg).float().eval()
     if family == "qwen2":
-        cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        cfg = Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
         return Qwen2ForCausalLM(cfg).float().eval()
     if family == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         return GPT2LMHeadModel(cfg).float().eval()
     raise ValueError(family)
 
 
-def tiny_pair(family: str = "llama", copilot_hidden: int | None = None, layers: int = 2, seed: int = 0,
-              randomize_head: bool = True):
+def tiny_pair(
+    family: str = "llama",
+    copilot_hidden: int | None = None,
+    layers: int = 2,
+    seed: int = 0,
+    randomize_head: bool = True,
+):
     pilot = tiny_pilot(family, seed=seed)
     kw = {"num_hidden_layers": layers}
     if copilot_hidden:

@@ -35,8 +35,9 @@ def test_from_pilot_layers_copies_pretrained_weights():
 
 
 def test_save_load_roundtrip(tmp_path):
-    cfg = CopilotConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        pilot_hidden_size=24, use_rope=True)
+    cfg = CopilotConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, pilot_hidden_size=24, use_rope=True
+    )
     torch.manual_seed(0)
     m = Copilot(cfg)
     with torch.no_grad():
@@ -64,8 +65,15 @@ def test_feedback_matrices_equal_two_vocab_products():
 
 def test_forward_shapes_padding_rows_and_cache_equivalence():
     torch.manual_seed(0)
-    cfg = CopilotConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, pilot_hidden_size=12, attention_impl="torch")
+    cfg = CopilotConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pilot_hidden_size=12,
+        attention_impl="torch",
+    )
     m = Copilot(cfg).eval()
     B, L = 2, 7
     x = torch.randn(B, L, 16)
@@ -78,11 +86,25 @@ def test_forward_shapes_padding_rows_and_cache_equivalence():
     assert full.shape == (B, L, 16) and torch.isfinite(full).all()
     # Incremental decoding with the cache gives the same states as the full forward.
     cache = m.new_cache()
-    outs = [m(x[:, :3], torch.cat([log[:, :3], log[:, L:L + 3]], 1), pos[:, :3],
-              torch.cat([pos[:, :3], pos[:, :3]], 1), cache=cache)]
+    outs = [
+        m(
+            x[:, :3],
+            torch.cat([log[:, :3], log[:, L : L + 3]], 1),
+            pos[:, :3],
+            torch.cat([pos[:, :3], pos[:, :3]], 1),
+            cache=cache,
+        )
+    ]
     for t in range(3, L):
-        outs.append(m(x[:, t:t + 1], torch.cat([log[:, t:t + 1], log[:, L + t:L + t + 1]], 1), pos[:, t:t + 1],
-                      torch.cat([pos[:, t:t + 1], pos[:, t:t + 1]], 1), cache=cache))
+        outs.append(
+            m(
+                x[:, t : t + 1],
+                torch.cat([log[:, t : t + 1], log[:, L + t : L + t + 1]], 1),
+                pos[:, t : t + 1],
+                torch.cat([pos[:, t : t + 1], pos[:, t : t + 1]], 1),
+                cache=cache,
+            )
+        )
     inc = torch.cat(outs, 1)
     real = pos >= 0
     torch.testing.assert_close(inc[real], full[real], rtol=1e-4, atol=1e-5)

@@ -63,10 +63,11 @@ def test_lambda_zero_equals_pilot_alone_hf_generate(family):
     eos = 5
     with torch.no_grad():
         ours = model.generate(ids, attention_mask=mask, max_new_tokens=8, lam=0.0, eos_token_id=eos, pad_token_id=0)
-        hf = model.pilot.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
-                                  pad_token_id=0)
+        hf = model.pilot.generate(
+            ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
     assert torch.equal(ours, hf[:, : ours.shape[1]])
-    assert hf.shape[1] == ours.shape[1] or (hf[:, ours.shape[1]:] == 0).all()
+    assert hf.shape[1] == ours.shape[1] or (hf[:, ours.shape[1] :] == 0).all()
 
 
 def test_sampling_reproducible_with_seed_and_eos_padding():
@@ -78,7 +79,7 @@ def test_sampling_reproducible_with_seed_and_eos_padding():
     assert torch.equal(a, b)
     eos = int(a[0, ids.shape[1]])  # force row 0 to stop at once
     c = model.generate(ids, generator=torch.Generator().manual_seed(3), eos_token_id=eos, pad_token_id=0, **kw)
-    assert c[0, ids.shape[1]] == eos and (c[0, ids.shape[1] + 1:] == 0).all()
+    assert c[0, ids.shape[1]] == eos and (c[0, ids.shape[1] + 1 :] == 0).all()
 
 
 def test_pilot_only_model_generates_and_bad_args():

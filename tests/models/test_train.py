@@ -22,8 +22,9 @@ def _examples(n=48, L=12, vocab=97, seed=0):
 
 
 def _cfg(**kw):
-    base = dict(steps=30, batch_size=8, lr_pilot=3e-3, lr_copilot=3e-3, warmup_steps=3, log_every=1,
-                ckpt_every=0, seed=0)
+    base = dict(
+        steps=30, batch_size=8, lr_pilot=3e-3, lr_copilot=3e-3, warmup_steps=3, log_every=1, ckpt_every=0, seed=0
+    )
     base.update(kw)
     return TrainConfig(**base)
 

@@ -32,8 +32,9 @@ def test_losses_and_gradients_match_materialised_oracle(family):
     for (name, _), a, b in zip(model.named_parameters(), g_fused, g_ref):
         a = torch.zeros(1) if a is None else a
         b = torch.zeros(1) if b is None else b
-        torch.testing.assert_close(a.expand_as(b) if a.numel() == 1 else a, b, rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            a.expand_as(b) if a.numel() == 1 else a, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_pilot_loss_equals_hugging_face_loss_and_copilot_never_touches_pilot():
