@@ -1,0 +1,148 @@
+"""Speed of ``rectified_next_token`` (rectify the Pilot's distribution with the Copilot's output, then pick).
+
+Providers: ``naive`` (an eager sampler as generation loops write it: ``softmax(z) + lam * f``, clamp, log,
+temperature, ``topk`` mask, Hugging Face-style top-p through a full sort and ``cumsum``,
+``torch.multinomial``), ``compile`` (``torch.compile`` of it), ``torch`` and ``triton``
+(``tcopilot.rectified_next_token(impl=...)``).
+
+Modes: ``greedy`` (temperature 0), ``topk_topp`` (temperature 0.8, top-k 50, top-p 0.9) and ``topp``
+(temperature 1, top-p 0.9: the full-vocabulary sort path).
+
+Work model: memory-bound; bytes = one read of ``z`` and ``f`` (``B * V`` each, in their dtype) plus the
+``B`` token ids written. GPU inputs are bf16 (as an LM head returns them), CPU inputs fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from benchutil import (
+    DEVICE,
+    ON_GPU,
+    OneSlot,
+    case,
+    dtype_name,
+    need_compile,
+    need_triton,
+    release,
+    run_bench,
+    set_group,
+    timed_first_call,
+)
+
+from tcopilot import rectified_next_token
+from tcopilot.kernels.rectified_next_token import rectified_probs_reference
+
+LAM = 1.0
+MODES = {
+    "greedy": dict(temperature=0.0, top_k=0, top_p=1.0),
+    "topk_topp": dict(temperature=0.8, top_k=50, top_p=0.9),
+    "topp": dict(temperature=1.0, top_k=0, top_p=0.9),
+}
+PROVIDERS = ["naive", "torch", "triton", "compile"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    vocab: int
+    dtype: torch.dtype
+
+    @property
+    def id(self) -> str:
+        return f"B{self.batch}-V{self.vocab}"
+
+
+CPU_SHAPES = [Shape(b, 32000, torch.float32) for b in (1, 8)]
+GPU_SHAPES = [Shape(b, v, torch.bfloat16) for v in (128256, 151936) for b in (1, 32, 128)]
+GPU_FULL_ONLY = {s for s in GPU_SHAPES if s.vocab == 151936}
+
+
+def _cases():
+    out = []
+    for gpu, shapes in ((False, CPU_SHAPES), (True, GPU_SHAPES)):
+        for shape in shapes:
+            for mode in MODES:
+                for prov in PROVIDERS:
+                    cid = f"{shape.id}-{dtype_name(shape.dtype)}-{mode}-{prov}"
+                    out.append(case((shape, mode, prov), id=cid, gpu=gpu, full=shape in GPU_FULL_ONLY,
+                                    provider=prov))
+    return out
+
+
+def eager_sample(z, f, lam: float, temperature: float, top_k: int, top_p: float):
+    """The plain-PyTorch sampler (paper Eq. 8 with the usual top-k / top-p warpers)."""
+    p = torch.softmax(z.float(), dim=-1) + lam * f.float()
+    if temperature == 0:
+        return p.argmax(dim=-1)
+    logits = torch.log(p.clamp(min=0.0)) / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1:] = False  # always keep the most likely token
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1)
+
+
+def make_inputs(shape: Shape):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    z = (torch.randn(shape.batch, shape.vocab, device=DEVICE, generator=g) * 3).to(shape.dtype)
+    # The Copilot's correction: small, of both signs, like a trained error predictor's output.
+    f = (torch.randn(shape.batch, shape.vocab, device=DEVICE, generator=g) * 1e-5).to(shape.dtype)
+    return z, f
+
+
+_compiled = None
+INPUTS = OneSlot()
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_module_state():
+    yield
+    release(INPUTS)
+
+
+@pytest.mark.parametrize(("shape", "mode", "provider"), _cases())
+def test_rectified_next_token_speed(benchmark, shape: Shape, mode: str, provider: str):
+    global _compiled
+    opts = MODES[mode]
+    z, f = INPUTS.get(shape, lambda: make_inputs(shape))
+    if provider == "naive":
+        fn = lambda: eager_sample(z, f, LAM, **opts)  # noqa: E731
+    elif provider == "compile":
+        need_compile()
+        if _compiled is None:
+            _compiled = torch.compile(eager_sample)
+        fn = lambda: _compiled(z, f, LAM, **opts)  # noqa: E731
+    else:
+        if provider == "triton":
+            need_triton("rectified_next_token")
+        fn = lambda: rectified_next_token(z, f, lam=LAM, impl=provider, **opts)  # noqa: E731
+
+    # Correctness first, untimed: greedy picks the reference's token; a sampled token must lie in the
+    # support of the reference distribution (for the eager warpers, whose top-p boundary rule differs from
+    # ours by ties, the support before top-p).
+    tokens = timed_first_call(fn, provider)[0] if provider == "compile" else fn()
+    exact_support = provider in ("torch", "triton") or mode == "greedy"
+    ref_opts = dict(opts) if exact_support else dict(opts, top_p=1.0)
+    probs = rectified_probs_reference(z, f, lam=LAM, **ref_opts)
+    if mode == "greedy":
+        same = torch.equal(tokens, probs.argmax(dim=-1))
+        assert same, f"{provider}: greedy tokens differ from the reference"
+    else:
+        picked = probs.gather(1, tokens[:, None])
+        assert bool((picked > 0).all()), f"{provider}: sampled a token outside the reference's support"
+    del probs
+
+    elt = torch.finfo(shape.dtype).bits // 8
+    nbytes = 2 * shape.batch * shape.vocab * elt + 8 * shape.batch
+    set_group(benchmark, "rectified_next_token", shape.id, shape.dtype, mode, provider,
+              batch=shape.batch, vocab=shape.vocab, **opts)
+    run_bench(benchmark, fn, nbytes=nbytes, bound="memory", rounds=30 if ON_GPU else None)

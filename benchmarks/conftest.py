@@ -1,0 +1,50 @@
+"""pytest hooks of the benchmark suite (the helpers themselves are in ``benchutil.py``).
+
+* Collects ``bench_*.py`` files, so ``pytest benchmarks/ --benchmark-only`` finds them while the project's
+  ``testpaths = ["tests"]`` keeps a plain ``pytest`` from running benchmarks.
+* Registers the ``bench_late`` marker and moves those cases (``torch.compile``, FlexAttention: long first
+  calls) after all others, so a time-limited GPU run (``gpu_check.sh``) loses them first.
+* Prints the device, versions and scope in the session header.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import benchutil` from every bench file
+
+import benchutil  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "bench_late: benchmark case with a long first call (compilation); runs after the others"
+    )
+
+
+def pytest_collect_file(file_path: Path, parent):
+    # Files given explicitly on the command line are collected by pytest itself (whatever their name);
+    # collecting them here as well would run them twice.
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and not parent.session.isinitpath(file_path)
+    ):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # A stable sort: everything keeps its order except that bench_late cases move to the end.
+    items.sort(key=lambda item: item.get_closest_marker("bench_late") is not None)
+
+
+def pytest_report_header(config):
+    info = benchutil.env_info()
+    return (
+        f"tcopilot benchmarks: device {info['device']} ({info['device_name']}), torch {info['torch']}, "
+        f"triton {info['triton'] or '-'}, cuda {info['cuda'] or '-'}, scope {info['scope']}"
+    )

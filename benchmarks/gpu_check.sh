@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU (H100/H200): versions, ceilings, GPU tests, benchmarks, report.
+#
+#   bash benchmarks/gpu_check.sh                 # outputs in ${OUT:-benchmarks/results}
+#
+# Made to fit in 8 minutes on an H100 (GPU_CHECK_BUDGET_S, default 470 s, for everything): every stage runs
+# under its own `timeout`, so a hang in one stage still leaves a report.
+#   1. versions, nvidia-smi                         -> $OUT/versions.txt
+#   2. ceilings: 1 GiB device copy, bf16 8192^3 matmul -> $OUT/ceilings.json           (60 s)
+#   3. pip install --no-deps --no-build-isolation -e .  (torch is there; no internet)  (90 s; PYTHONPATH
+#      points at the checkout anyway, so a failed install does not stop the rest)
+#   4. GPU-only tests: pytest -m gpu -q -x          -> $OUT/gpu_tests.log             (GPU_TESTS_TIMEOUT_S, 240 s)
+#   5. benchmarks, quick scope                      -> $OUT/bench.json, $OUT/bench.log (what is left - 25 s)
+#      Stopped with SIGINT at its deadline: pytest then still writes the JSON of every finished benchmark.
+#      Cases with long compilations (torch.compile, FlexAttention) run last, so they are what a deadline cuts.
+#   6. report.py                                    -> $OUT/<card>-<date>.md and .csv, plus this run's log
+# Knobs: OUT, PYTHON, GPU_CHECK_BUDGET_S, GPU_TESTS_TIMEOUT_S, TCOPILOT_BENCH_SCOPE (quick | full),
+# GPU_CHECK_SKIP_INSTALL=1 (leave the environment alone, e.g. for a dry run on a CPU machine).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+TESTS_MAX=${GPU_TESTS_TIMEOUT_S:-240}
+BENCH_MIN=150      # the benchmarks' share when the tests would take everything
+REPORT_RESERVE=25
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TCOPILOT_BENCH_SCOPE=${TCOPILOT_BENCH_SCOPE:-quick}
+export TCOPILOT_RESULTS_DIR="$OUT"
+STAGES="$OUT/stages.tsv"
+: > "$STAGES"
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+min() { if (( $1 < $2 )); then echo "$1"; else echo "$2"; fi; }
+
+# stage NAME LIMIT LOG CMD...: CMD under `timeout` (SIGINT at LIMIT, SIGKILL 20 s later), output to LOG.
+stage() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  (( limit < 5 )) && limit=5
+  local t0 rc dt note
+  t0=$(date +%s)
+  echo "=== [$name] up to ${limit}s: $*"
+  timeout -s INT -k 20 "$limit" "$@" > "$log" 2>&1
+  rc=$?
+  dt=$(( $(date +%s) - t0 ))
+  case $rc in
+    0) note=ok ;;
+    124|137) note="timed out" ;;
+    *) note="exit $rc" ;;
+  esac
+  printf '%s\t%s\t%s\t%s\n' "$name" "$dt" "$limit" "$note" >> "$STAGES"
+  tail -n 8 "$log"
+  echo "=== [$name] $note after ${dt}s ($(left)s of the budget left)"
+}
+
+# 1. versions -------------------------------------------------------------------------------------------
+stage versions 30 "$OUT/versions.txt" bash -c "
+  nvidia-smi
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv
+  $PY - <<'EOF'
+import platform, torch
+print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda)
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')
+for mod in ('triton', 'transformers', 'pytest', 'pytest_benchmark', 'liger_kernel', 'cut_cross_entropy'):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, '__version__', '?'))
+    except Exception as err:
+        print(mod, 'not importable:', type(err).__name__)
+EOF"
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+[ -z "$CARD" ] && CARD=$($PY -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+CARD_SLUG=$(echo "${CARD:-unknown}" | tr '[:upper:]' '[:lower:]' | sed -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')
+DATE=$(date -u +%Y-%m-%d)
+REPORT="$OUT/${CARD_SLUG}-${DATE}.md"
+
+# 2. ceilings -------------------------------------------------------------------------------------------
+stage ceilings 60 "$OUT/ceilings.log" "$PY" benchmarks/ceilings.py --out "$OUT/ceilings.json"
+
+# 3. install --------------------------------------------------------------------------------------------
+if [ "${GPU_CHECK_SKIP_INSTALL:-0}" != 1 ]; then
+  stage install 90 "$OUT/install.log" "$PY" -m pip install --no-deps --no-build-isolation -e .
+fi
+
+# 4. GPU-only tests -------------------------------------------------------------------------------------
+T=$(min "$TESTS_MAX" $(( $(left) - BENCH_MIN - REPORT_RESERVE )))
+stage gpu_tests "$T" "$OUT/gpu_tests.log" "$PY" -m pytest -m gpu -q -x -p no:cacheprovider
+
+# 5. benchmarks -----------------------------------------------------------------------------------------
+T=$(( $(left) - REPORT_RESERVE ))
+stage benchmarks "$T" "$OUT/bench.log" "$PY" -m pytest benchmarks/ --benchmark-only \
+  --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds -q -rs -p no:cacheprovider
+
+# 6. report ---------------------------------------------------------------------------------------------
+stage report 60 "$OUT/report.log" "$PY" benchmarks/report.py "$OUT/bench.json" --out "$REPORT" \
+  --csv "${REPORT%.md}.csv" --ceilings "$OUT/ceilings.json" --title "tcopilot benchmarks: ${CARD:-unknown}, ${DATE}"
+{
+  [ -s "$REPORT" ] || echo "# tcopilot benchmarks: ${CARD:-unknown}, ${DATE} (report.py produced nothing)"
+  echo
+  echo "## This run (benchmarks/gpu_check.sh)"
+  echo
+  echo "| stage | seconds | limit | result |"
+  echo "|---|---|---|---|"
+  awk -F'\t' '{ printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4 }' "$STAGES"
+  echo
+  echo "GPU tests (\`pytest -m gpu -q -x\`): $(grep -E '(passed|failed|error|no tests ran)' "$OUT/gpu_tests.log" | tail -n 1)"
+  echo
+  echo "Skipped benchmark cases (reasons):"
+  echo
+  echo '```'
+  grep -E '^SKIPPED' "$OUT/bench.log" | sed -e 's/^SKIPPED //' | head -n 40
+  echo '```'
+  echo
+  echo "Versions:"
+  echo
+  echo '```'
+  grep -v -E '^\s*$' "$OUT/versions.txt" | tail -n 14
+  echo '```'
+} >> "$REPORT.tmp"
+if [ -s "$REPORT" ]; then cat "$REPORT.tmp" >> "$REPORT"; else mv "$REPORT.tmp" "$REPORT"; fi
+rm -f "$REPORT.tmp"
+
+echo
+echo "=== report: $REPORT ($(( $(date +%s) - START ))s in all)"
+cat "$STAGES"
+# The parts worth reading in a terminal tail: the summary and the end-to-end section.
+awk '/^## /{ keep = ($0 ~ /^## (Our kernels|End to end|This run)/) } keep' "$REPORT" | head -n 200
