@@ -116,8 +116,9 @@ def rectified_next_token(
         top_k: int ``>= 0``.
         top_p: in ``(0, 1]``.
         generator: ``torch.Generator`` on the inputs' device type, or None (the default generator).
-        impl: ``"auto"``, ``"torch"`` or ``"triton"`` (no Triton kernel yet: ``"triton"`` raises
-            ``NotImplementedError``; ``"auto"`` uses PyTorch).
+        impl: ``"auto"`` (Triton on CUDA tensors, PyTorch otherwise), ``"torch"`` or ``"triton"``
+            (``triton_impl.py``: no vocabulary sort, same tokens as ``"torch"`` for the same generator
+            state up to fp32 rounding ties).
 
     Returns:
         [B] int64 token ids in ``[0, V)``.

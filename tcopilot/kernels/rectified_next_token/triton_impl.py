@@ -1,0 +1,457 @@
+"""Triton ``rectified_next_token`` (semantics: ``api.rectified_next_token``; oracle: ``reference.py``).
+
+One program per row walks the vocabulary in tiles, several times, inside a single launch, with no host
+sync. No pass writes anything of size V: every pass re-reads the Pilot logits ``z`` and the Copilot output
+``f`` and recomputes each token's weight from a handful of per-row scalars. Nothing is sorted.
+
+Passes over V (``fusion="logits"`` skips pass A; greedy rows stop after pass B):
+
+* **A. Pilot statistics** (``fusion="probs"``): online max / sum-exp of ``z`` (so ``p^ = exp(z - m) / s``)
+  and ``argmax z`` (ties: lowest id), the fallback token of a row whose clamped ``p~`` is all zero.
+* **B. Fused statistics**: ``p~ = p^ + lam * f`` (or ``z~ = z + lam * f``) and its argmax (greedy; ties:
+  lowest id). When sampling, of the log-weights ``lw = log(max(p~, 0))`` (or ``z~``): the row max ``M``, the
+  smallest finite value and the number of finite values. A sampling row with ``M = -inf`` has nothing
+  left after the clamp and returns ``argmax z``.
+* **C. Threshold search** (rows with top-k or top-p on). With the tempered weight
+  ``w = max((lw - M) / T, -FLT_MAX)`` (the row maximum is exactly 0), the set either filter keeps is
+  ``{w >= t}`` for a threshold ``t`` that is one of the row's own weights, and "is ``x <= t``?" is
+  monotone in ``x``:
+
+    - top-k: ``#{w >= x} >= k`` (a k at least the number of finite weights keeps them all: no search);
+    - top-p, among the top-k survivors ``{w >= t_k}`` of total mass ``S_k = sum exp(w)``:
+      ``sum{exp(w) : w >= x} >= top_p * S_k``. (The reference keeps token ``i`` iff the mass of the
+      tokens strictly more likely than ``i`` is below ``top_p``; ``t_p`` is the smallest such weight.)
+
+  Each counting pass evaluates ``NPIV`` pivots at once: per pivot ``x`` the count (top-k) or the mass
+  (top-p) of ``{w >= x}`` and ``min{w >= x}``. The search keeps ``v0``, a weight known to be ``<= t``
+  (it starts at the smallest finite weight, or at ``t_k`` for top-p), and ``hi``, known to be ``> t``. A
+  pass tests the next float above ``v0`` (if it fails, ``t == v0`` exactly: done), pivots evenly spaced
+  in value up to ``hi`` (quick on ordinary rows) and a few evenly spaced in the order-preserving integer
+  image of the floats (a bisection on the bit pattern, which bounds the search for any values). Then
+  ``v0`` becomes the smallest weight at or above the largest passing pivot and ``hi`` the smallest
+  failing pivot. Top-k also stops as soon as exactly ``k`` weights are ``>= v0``. Simulated V=131072
+  rows need about 4-5 passes per filter, the tests' V=997 rows 1-4.
+* **D. Sample**: Gumbel-max over the kept tokens, ``argmax(w - log(-log u))`` (ties: lowest id); it
+  differs from the reference's ``log(q_final) - log(-log u)`` by a per-row constant only.
+
+Ties at a cut-off are all kept, as in the reference: the filters are thresholds on the weights, and the
+top-p one on the probabilities (``exp(w) >= exp(t_p)``, which also keeps tokens whose probability only
+rounds to the cut-off's).
+
+Randomness: by default ``u = torch.rand([B, V], generator)`` clamped to ``finfo(float32).tiny``, drawn
+exactly as the PyTorch path draws it, so both paths return the same tokens for the same generator state
+(up to the rounding noted below). Opt-in ``seed=``: ``u`` comes from Triton's Philox in the kernel (key =
+the seed, counter = (token id, row); with a [B] tensor of per-row seeds the counter is (token id, 0)):
+nothing of size V is drawn or read.
+
+Equality with the PyTorch path. Both evaluate the same formulas in fp32, but not bit for bit (softmax and
+summation orders, ``exp``/``log`` implementations, FMA contraction on a GPU). A different token can come
+out only where two candidates are within float rounding of each other: fused scores equal to the last
+bit (greedy, the top-k cut-off, the Gumbel race), probabilities that round together only after the
+reference's division by their sum, or a cumulative mass within rounding of ``top_p``. The last one grows
+with V: a float32 ``cumsum`` over 131072 sorted probabilities is off by ~1e-6 of the mass, enough to move
+the reference's top-p cut-off by a few tail tokens in ~2% of LLM-like rows (in a simulation, tree-ordered
+sums as used here agreed with a float64 cut-off in those rows); the sampled token changes only if one of
+those tail tokens wins the race.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+_TINY = torch.finfo(torch.float32).tiny
+
+# Pivots per counting pass: the base set, the next float above v0, then value-spaced and key-spaced ones.
+# 12 value + 2 key pivots took 4.4 passes per row on average over simulated V=131072 rows (Gaussian, flat
+# and LLM-like logits; top-k 50 / 1000, top-p 0.5 / 0.9, both), against 5.0 for 7 + 7 and 5.8 for 8 pivots.
+_NPIV = 16
+_N_VALUE_PIVOTS = 12
+_MAX_SEARCH_PASSES = 48  # never reached: the key-spaced pivots shrink the key range 3x per pass (~20)
+
+# (BLOCK_V for the streaming passes, BLOCK_S for the counting passes, num_warps). Not yet tuned on a GPU.
+_GPU_CFG = (2048, 256, 8)
+# The interpreter runs each program sequentially in numpy: small tiles still give several per row.
+_INTERP_CFG = (256, 256, 4)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------
+
+
+# Helpers are few and the key arithmetic is written inline: under the interpreter every call of a
+# @triton.jit function costs milliseconds, on a GPU it is inlined anyway.
+
+
+@triton.jit
+def _fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS: tl.constexpr):
+    """One tile of the fused score (p~ = softmax(z) + lam * f, or z~ = z + lam * f) and of the log-weight
+    lw (log(max(p~, 0)), or z~), fp32; both -inf on masked lanes."""
+    z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    f = tl.load(f_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if FUSION_PROBS:
+        fused = tl.where(mask, tl.exp(z - m_z) / s_z + lam * f, float("-inf"))
+        pos = fused > 0.0
+        lw = tl.where(pos, tl.log(tl.where(pos, fused, 1.0)), float("-inf"))
+    else:
+        fused = z + lam * f
+        lw = fused
+    return fused, lw
+
+
+@triton.jit
+def _search(
+    z_row, f_row, V, lam, m_z, s_z, M, T, base, k, top_p,
+    IS_TOP_P: tl.constexpr, FUSION_PROBS: tl.constexpr, BLOCK_S: tl.constexpr,
+    NPIV: tl.constexpr, N_VALUE: tl.constexpr, MAX_PASSES: tl.constexpr,
+):  # fmt: skip
+    """Threshold t (one of the row's weights) of top-k (IS_TOP_P=False) or of top-p among {w >= base}.
+
+    The kept set is {w >= t}. Returns (t, number of counting passes run).
+    """
+    slot = tl.arange(0, NPIV)
+    N_KEY: tl.constexpr = NPIV - 2 - N_VALUE
+    v0 = base  # a weight <= t: {w >= v0} contains the answer
+    hi = tl.full([], 1.1754943508222875e-38, tl.float32)  # > t (every weight is <= 0)
+    n_pass = tl.full([], 0, tl.int32)
+    going = n_pass == 0
+    while going:
+        # Pivots: slot 0 = base (top-p: its mass normalises), 1 = x0 = the next float above v0, then
+        # N_VALUE pivots evenly spaced in value and N_KEY evenly spaced in order key, all in (x0, hi).
+        # Order key of an fp32 x: its bits b as int32, negatives mirrored: b ^ ((b >> 31) & 0x7FFFFFFF)
+        # (an involution; integers then compare like the floats). Every weight is finite and <= 0.
+        b = v0.to(tl.int32, bitcast=True)
+        k_lo = (b ^ ((b >> 31) & 0x7FFFFFFF)) + 1
+        b = k_lo ^ ((k_lo >> 31) & 0x7FFFFFFF)
+        x0 = b.to(tl.float32, bitcast=True)
+        b = hi.to(tl.int32, bitcast=True)
+        k_hi = b ^ ((b >> 31) & 0x7FFFFFFF)
+        frac = tl.minimum(tl.maximum(slot - 1, 0), N_VALUE + 1).to(tl.float32) / (N_VALUE + 1)
+        by_value = tl.maximum(x0 + (hi - x0) * frac, x0)
+        step = tl.maximum(slot - 1 - N_VALUE, 0).to(tl.int64)
+        k_span = k_hi.to(tl.int64) - k_lo.to(tl.int64)
+        b = (k_lo.to(tl.int64) + (k_span * step) // (N_KEY + 1)).to(tl.int32)
+        by_key = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        piv = tl.where(slot < 2 + N_VALUE, by_value, by_key)
+        piv = tl.where(slot == 1, x0, piv)
+        piv = tl.where(slot == 0, base, piv)
+
+        # One counting pass: per pivot x, #{w >= x} (top-k) or sum of exp(w) over {w >= x} (top-p),
+        # and min{w >= x}.
+        stat_i = tl.zeros([NPIV], dtype=tl.int32)
+        stat_f = tl.zeros([NPIV], dtype=tl.float32)
+        mn = tl.full([NPIV], float("inf"), dtype=tl.float32)
+        for start in range(0, V, BLOCK_S):
+            offs = start + tl.arange(0, BLOCK_S)
+            mask = offs < V
+            _, lw = _fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
+            w = tl.where(mask, tl.maximum((lw - M) / T, -3.4028234663852886e38), float("-inf"))
+            ge = w[:, None] >= piv[None, :]
+            if IS_TOP_P:
+                stat_f += tl.sum(tl.where(ge, tl.exp(w)[:, None], 0.0), axis=0)
+            else:
+                stat_i += tl.sum(ge.to(tl.int32), axis=0)
+            mn = tl.minimum(mn, tl.min(tl.where(ge, w[:, None], float("inf")), axis=0))
+
+        # "x <= t?" is monotone in x. (Every candidate pivot lies above base, a kept weight, so the
+        # top-p rule "or no kept token below x" never applies to them.)
+        if IS_TOP_P:
+            ok = stat_f >= top_p * tl.sum(tl.where(slot == 0, stat_f, 0.0))
+        else:
+            ok = stat_i >= k
+        cand = slot >= 1
+        passing = cand & ok
+        best = tl.max(tl.where(passing, piv, float("-inf")))
+        any_pass = best > float("-inf")
+        sel = passing & (piv == best)
+        hi = tl.minimum(hi, tl.min(tl.where(cand & (~ok), piv, float("inf"))))
+        # {w >= best} = {w >= its smallest member}: move v0 up to that weight.
+        v0_new = tl.where(any_pass, tl.min(tl.where(sel, mn, float("inf"))), v0)
+        stalled = v0_new <= v0  # cannot happen in exact arithmetic; guards against denormal flushing
+        v0 = v0_new
+        n_pass += 1
+        # Done when x0 failed (t == v0), nothing lies between v0 and hi, or v0 is the row maximum.
+        b = v0.to(tl.int32, bitcast=True)
+        k_v0 = b ^ ((b >> 31) & 0x7FFFFFFF)
+        b = hi.to(tl.int32, bitcast=True)
+        k_hi = b ^ ((b >> 31) & 0x7FFFFFFF)
+        stop = (~any_pass) | stalled | (v0 >= 0.0) | (k_v0 + 1 >= k_hi) | (n_pass >= MAX_PASSES)
+        if not IS_TOP_P:
+            stop = stop | (tl.max(tl.where(sel, stat_i, 0)) == k)  # exactly k kept: no tie to resolve
+        going = ~stop
+    return v0, n_pass
+
+
+@triton.jit
+def _rectified_next_token_kernel(
+    z_ptr, f_ptr, u_ptr, seed_ptr, out_ptr, passes_ptr, lam_ptr, temp_ptr, topk_ptr, topp_ptr,
+    V, stride_z, stride_f, stride_u,
+    FUSION_PROBS: tl.constexpr, SAMPLE: tl.constexpr, PHILOX: tl.constexpr, SEED_PER_ROW: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr, N_VALUE: tl.constexpr,
+    MAX_PASSES: tl.constexpr, WRITE_PASSES: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    f_row = f_ptr + row * stride_f
+    lam = tl.load(lam_ptr + row).to(tl.float32)
+    cols = tl.arange(0, BLOCK_V)
+
+    # ---- pass A (probs fusion): softmax statistics of z and argmax z (the fallback token)
+    m_z = tl.full([], 0.0, tl.float32)
+    s_z = tl.full([], 1.0, tl.float32)
+    arg_z = tl.full([], 0, tl.int64)
+    if FUSION_PROBS:
+        m_z = tl.full([], float("-inf"), tl.float32)
+        s_z = tl.full([], 0.0, tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            z = tl.load(z_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            t_max = tl.max(z)
+            arg_z = tl.where(t_max > m_z, start + tl.argmax(z, axis=0), arg_z)  # strict: first wins
+            m_new = tl.maximum(m_z, t_max)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_z = s_z * tl.exp(m_z - m_safe) + tl.sum(tl.exp(z - m_safe))
+            m_z = m_new
+
+    # ---- pass B: argmax of the fused scores (greedy); max, smallest finite value and count of finite
+    # values of the log-weights (sampling)
+    if SAMPLE:
+        T = tl.load(temp_ptr + row).to(tl.float32)
+    else:
+        T = tl.full([], 0.0, tl.float32)
+    best = tl.full([], float("-inf"), tl.float32)
+    arg = tl.full([], 0, tl.int64)
+    M = tl.full([], float("-inf"), tl.float32)
+    lw_min = tl.full([], float("inf"), tl.float32)
+    n_fin = tl.full([], 0, tl.int32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        fused, lw = _fused_tile(z_row, f_row, offs, offs < V, lam, m_z, s_z, FUSION_PROBS)
+        t_max = tl.max(fused)
+        arg = tl.where(t_max > best, start + tl.argmax(fused, axis=0), arg)
+        best = tl.maximum(best, t_max)
+        if SAMPLE:
+            fin = lw > float("-inf")
+            M = tl.maximum(M, tl.max(lw))
+            lw_min = tl.minimum(lw_min, tl.min(tl.where(fin, lw, float("inf"))))
+            n_fin += tl.sum(fin.to(tl.int32))
+    token = arg
+    passes_k = tl.full([], 0, tl.int32)
+    passes_p = tl.full([], 0, tl.int32)
+
+    if SAMPLE:
+        if T > 0.0:
+            if M == float("-inf"):
+                # Nothing positive survived the clamp (probs) or an all -inf row (logits, undefined).
+                if FUSION_PROBS:
+                    token = arg_z
+            else:
+                k = tl.load(topk_ptr + row)
+                top_p = tl.load(topp_ptr + row).to(tl.float32)
+                # The smallest weight of a token of nonzero probability (weights are monotone in lw).
+                thr = tl.maximum((lw_min - M) / T, -3.4028234663852886e38)
+                # Top-k with k >= the number of such tokens keeps all of them: nothing to search.
+                if (k > 0) & (k < n_fin):
+                    thr, passes_k = _search(
+                        z_row, f_row, V, lam, m_z, s_z, M, T, thr, k, top_p,
+                        False, FUSION_PROBS, BLOCK_S, NPIV, N_VALUE, MAX_PASSES,
+                    )  # fmt: skip
+                thr_p = thr
+                e_p = tl.zeros([BLOCK_V], dtype=tl.float32) + float("inf")  # top-p off: w >= thr_p decides
+                if top_p < 1.0:
+                    thr_p, passes_p = _search(
+                        z_row, f_row, V, lam, m_z, s_z, M, T, thr, k, top_p,
+                        True, FUSION_PROBS, BLOCK_S, NPIV, N_VALUE, MAX_PASSES,
+                    )  # fmt: skip
+                    # Top-p compares probabilities: a top-k survivor whose exp(w) rounds to exp(thr_p) is
+                    # tied with the cut-off and kept too (exp on a full tile, as for the weights below).
+                    e_p = tl.exp(tl.zeros([BLOCK_V], dtype=tl.float32) + thr_p)
+
+                # ---- pass D: Gumbel-max race among the kept tokens. log(q_final) differs from w by the
+                # row constant log(sum of kept exp(w)), which the argmax ignores.
+                if PHILOX:
+                    seed = tl.load(seed_ptr + row)
+                    zero = tl.zeros([BLOCK_V], dtype=tl.int32)
+                    if SEED_PER_ROW:
+                        ctr = zero
+                    else:
+                        ctr = zero + row.to(tl.int32)
+                best = tl.full([], float("-inf"), tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    mask = offs < V
+                    _, lw = _fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
+                    w = tl.maximum((lw - M) / T, -3.4028234663852886e38)
+                    if PHILOX:
+                        r0, _, _, _ = tl.philox(seed, offs, ctr, zero, zero)
+                        u = tl.uint_to_uniform_float(r0)
+                    else:
+                        u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.5)
+                    u = tl.maximum(u, 1.1754943508222875e-38)
+                    keep = mask & (w >= thr) & ((w >= thr_p) | (tl.exp(w) >= e_p))
+                    score = tl.where(keep, w - tl.log(-tl.log(u)), float("-inf"))
+                    t_max = tl.max(score)
+                    token = tl.where(t_max > best, start + tl.argmax(score, axis=0), token)
+                    best = tl.maximum(best, t_max)
+
+    token = tl.minimum(tl.maximum(token, 0), V - 1)
+    tl.store(out_ptr + row, token.to(tl.int64))
+    if WRITE_PASSES:
+        tl.store(passes_ptr + 2 * row, passes_k)
+        tl.store(passes_ptr + 2 * row + 1, passes_p)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------------
+
+
+def _per_row(name, value, batch, device, dtype, is_int=False):
+    """A [B] tensor from a scalar or a [B] (or 0-d) tensor; checks shape and dtype, never values (no sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() not in (0, 1) or (value.dim() == 1 and value.shape[0] != batch):
+            raise ValueError(
+                f"{name}: expected a number or a tensor of shape [{batch}] (one per row), "
+                f"got shape {list(value.shape)}"
+            )
+        if value.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (like pilot_logits), got {value.device}")
+        if is_int and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+            raise ValueError(f"{name}: expected an integer tensor, got {value.dtype}")
+        if not is_int and not value.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+        return value.reshape(-1).expand(batch).to(dtype).contiguous()
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _check_row_values(lam, temperature, top_k, top_p):
+    """One host sync over the values of the per-row tensors (skipped by ``validate=False``)."""
+    checks = []
+    if isinstance(lam, torch.Tensor):
+        checks.append(("lam", "finite values", lam, ~torch.isfinite(lam)))
+    if isinstance(temperature, torch.Tensor):
+        bad = ~(torch.isfinite(temperature) & (temperature >= 0))
+        checks.append(("temperature", "finite values >= 0 (0 = greedy)", temperature, bad))
+    if isinstance(top_k, torch.Tensor):
+        checks.append(("top_k", "values >= 0 (0 = off)", top_k, top_k < 0))
+    if isinstance(top_p, torch.Tensor):
+        checks.append(("top_p", "values in (0, 1] (1 = off)", top_p, ~((top_p > 0) & (top_p <= 1))))
+    if not checks:
+        return
+    flags = torch.stack([bad.reshape(-1).any() for *_, bad in checks]).tolist()
+    for (name, want, value, _), is_bad in zip(checks, flags):
+        if is_bad:
+            raise ValueError(f"{name}: expected {want}, got {value.tolist()}")
+
+
+def rectified_next_token_triton(
+    pilot_logits: torch.Tensor,
+    copilot_out: torch.Tensor,
+    *,
+    lam: float | torch.Tensor = 1.0,
+    fusion: str = "probs",
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | torch.Tensor | None = None,
+    validate: bool = True,
+    return_search_passes: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Triton next token [B] int64 (semantics: ``api.rectified_next_token``; inputs validated there).
+
+    Beyond the public API, every per-row parameter may also be a [B] tensor (scalars broadcast):
+    ``lam``, ``temperature`` (0 = greedy for that row), ``top_k`` (0 or >= V = off) and ``top_p``
+    (1 = off). With ``validate=True`` the values of such tensors are checked in one host sync;
+    ``validate=False`` skips it (CUDA-graph capture), and bad values then give an unspecified but valid id.
+
+    Randomness: with ``seed=None`` (default) the uniforms are ``torch.rand([B, V], generator)`` clamped
+    to ``finfo(float32).tiny``, exactly as ``impl="torch"`` draws them (so the same generator gives the
+    same tokens); they are drawn when ``temperature`` is a positive number or any tensor, never for a
+    greedy call with a number. ``seed`` (an int, or a [B] integer tensor of per-row seeds) switches to
+    Philox uniforms generated in the kernel: nothing of size V is drawn or read, ``generator`` must then
+    be None. Same seed, same tokens; a per-row seed makes a row's draw independent of its batch position.
+
+    ``return_search_passes=True`` (diagnostics, benchmarks) also returns a [B, 2] int32 tensor: the
+    counting passes the top-k and the top-p threshold searches took for each row (0 = filter off).
+    """
+    if pilot_logits.dim() != 2 or copilot_out.shape != pilot_logits.shape:
+        raise ValueError(
+            f"copilot_out: expected shape {list(pilot_logits.shape)} (like pilot_logits [B, V]), "
+            f"got {list(copilot_out.shape)}"
+        )
+    if fusion not in ("probs", "logits"):
+        raise ValueError(f"fusion: expected one of ('probs', 'logits'), got {fusion!r}")
+    batch, vocab = pilot_logits.shape
+    device = pilot_logits.device
+    if vocab >= 2**31 - 1:
+        raise ValueError(f"pilot_logits: expected fewer than 2**31 - 1 columns, got {vocab}")
+    if seed is not None and generator is not None:
+        raise ValueError("seed: expected None when a generator is given (seed selects in-kernel Philox)")
+    if validate:
+        _check_row_values(lam, temperature, top_k, top_p)
+
+    sample = isinstance(temperature, torch.Tensor) or float(temperature) > 0.0
+    lam_t = _per_row("lam", lam, batch, device, torch.float32)
+    temp_t = _per_row("temperature", temperature, batch, device, torch.float32)
+    # any k >= V means off: clamp before the int32 cast
+    if isinstance(top_k, torch.Tensor):
+        top_k = top_k.clamp(max=vocab) if not top_k.dtype.is_floating_point else top_k
+    else:
+        top_k = min(int(top_k), vocab)
+    topk_t = _per_row("top_k", top_k, batch, device, torch.int32, is_int=True)
+    topp_t = _per_row("top_p", top_p, batch, device, torch.float32)
+
+    z, f = pilot_logits, copilot_out
+    if z.dtype == torch.float64:
+        z = z.float()
+    if f.dtype == torch.float64:
+        f = f.float()
+    if z.stride(1) != 1:
+        z = z.contiguous()
+    if f.stride(1) != 1:
+        f = f.contiguous()
+
+    philox = sample and seed is not None
+    seed_per_row = isinstance(seed, torch.Tensor)
+    if philox:
+        seeds = _per_row("seed", seed, batch, device, torch.int64, is_int=True)
+        u = z  # unused
+    else:
+        seeds = topk_t  # unused
+        if sample:
+            u = torch.rand((batch, vocab), generator=generator, device=device, dtype=torch.float32)
+            u = u.clamp_(min=_TINY)
+        else:
+            u = z  # unused: greedy calls draw nothing
+    stride_u = u.stride(0) if sample and not philox else 0
+
+    out = torch.full((batch,), -1, dtype=torch.int64, device=device)  # -1 = poison: never a valid id
+    passes = torch.zeros((batch, 2), dtype=torch.int32, device=device) if return_search_passes else out
+    if batch == 0:
+        return (out, passes) if return_search_passes else out
+    block_v, block_s, num_warps = _INTERP_CFG if _interpreting() else _GPU_CFG
+    block_v = min(block_v, triton.next_power_of_2(vocab))
+    block_s = min(block_s, max(16, triton.next_power_of_2(vocab)))
+    ctx = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    with ctx:
+        _rectified_next_token_kernel[(batch,)](
+            z, f, u, seeds, out, passes, lam_t, temp_t, topk_t, topp_t,
+            vocab, z.stride(0), f.stride(0), stride_u,
+            FUSION_PROBS=fusion == "probs", SAMPLE=sample, PHILOX=philox, SEED_PER_ROW=seed_per_row,
+            BLOCK_V=block_v, BLOCK_S=block_s, NPIV=_NPIV, N_VALUE=_N_VALUE_PIVOTS,
+            MAX_PASSES=_MAX_SEARCH_PASSES, WRITE_PASSES=return_search_passes, num_warps=num_warps,
+        )  # fmt: skip
+    return (out, passes) if return_search_passes else out
+
+
+__all__ = ["rectified_next_token_triton"]
