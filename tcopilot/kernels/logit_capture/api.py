@@ -1,8 +1,13 @@
-"""Public entry point :func:`logit_capture`: validation, implementation dispatch, documentation."""
+"""Public entry point :func:`logit_capture`: validation, autocast casting, implementation dispatch, documentation.
+
+Also registers the ``torch.library`` custom ops ``tcopilot::logit_capture_fwd`` / ``tcopilot::logit_capture_bwd``
+through which :func:`logit_capture` enters a ``torch.compile`` graph as one opaque node.
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -17,7 +22,7 @@ from tcopilot._validation import (
 )
 
 from .capture import Capture
-from .torch_impl import logit_capture_torch
+from .torch_impl import capture_bwd_torch, capture_fwd_torch, logit_capture_torch, no_autocast
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int32, torch.int64)
@@ -42,6 +47,45 @@ def _load_triton(impl: str):
     return logit_capture_triton
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``device``'s type when an autocast region is active for it, else ``None``.
+
+    ``torch.is_autocast_enabled(device_type)`` / ``torch.get_autocast_dtype(device_type)`` (torch >= 2.4);
+    a device type without autocast (``meta``) counts as "off".
+    """
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return None
+        return torch.get_autocast_dtype(device.type)
+    except RuntimeError:
+        return None
+
+
+def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """What autocast does to a matmul operand: fp16/bf16/fp32 tensors go to ``dtype`` (a differentiable
+    cast, so the gradient comes back in the tensor's own dtype); fp64 and non-float tensors are left alone."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
+
+
+def _check_not_sharded(name: str, t: torch.Tensor | None) -> None:
+    """A ``DTensor`` (FSDP2 / tensor-parallel shard) reports its global shape but holds a shard: the fused op
+    needs the full, gathered tensor. Only checked when the DTensor module is loaded at all (then a tensor can
+    be one), so ``import tcopilot`` does not import ``torch.distributed``."""
+    if t is None:
+        return
+    for mod_name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        mod = sys.modules.get(mod_name)
+        dtensor = getattr(mod, "DTensor", None) if mod is not None else None
+        if dtensor is not None and isinstance(t, dtensor):
+            raise ValueError(
+                f"{name}: expected a plain (full, gathered) tensor, got a DTensor with placements "
+                f"{getattr(t, 'placements', '?')}; call logit_capture inside the FSDP-wrapped module's forward "
+                f"(where the parameters are unsharded) or pass {name}.full_tensor()"
+            )
+
+
 def _check_num_items(num_items_in_batch, reduction: str):
     if num_items_in_batch is None:
         return None
@@ -51,7 +95,11 @@ def _check_num_items(num_items_in_batch, reduction: str):
                 "num_items_in_batch: expected a number or a one-element tensor, "
                 f"got a tensor of shape {tuple(num_items_in_batch.shape)}"
             )
-        value = num_items_in_batch.item()
+        if torch.compiler.is_compiling():
+            # .item() would break the graph: the value is checked inside the op at run time.
+            value = 1
+        else:
+            value = num_items_in_batch.item()
     else:
         value = num_items_in_batch
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -93,7 +141,8 @@ def logit_capture(
 
     Args:
         hidden: ``[N, d]`` final hidden states, fp16/bf16/fp32/fp64 (any strides). ``N >= 1``.
-        weight: ``[V, d]`` LM-head weight, same dtype and device as ``hidden``.
+        weight: ``[V, d]`` LM-head weight, same device as ``hidden`` and the same dtype (inside an autocast
+            region: both are cast, see "Autocast"). The full, gathered weight (see "FSDP").
         labels: ``[N]`` int32/int64 target ids in ``[0, V)``, or ``ignore_index`` for rows that do not count.
         values: optional ``[V, k]`` float tensor (any float dtype); ``p_values = p @ values``.
         ignore_index: label value of rows that are not counted (0 loss, 0 gradient, ``p_target = 0``).
@@ -118,6 +167,33 @@ def logit_capture(
         are fp32 (fp64 for fp64 inputs): ``lse [N]``, ``p_target [N]``, ``p_sq_sum [N]``,
         ``p_values [N, k]`` or ``None``, ``topk_ids [N, K]`` int64 or ``None``, ``topk_logits [N, K]`` or
         ``None``. ``loss`` is a scalar, or ``[N]`` with ``reduction="none"``.
+
+    Autocast:
+        Inside ``torch.autocast(device_type, dtype=...)`` for the inputs' device type, the op behaves like the
+        matmul it replaces: ``hidden``, ``weight`` and ``values`` (the matmul operands) are cast to the autocast
+        dtype when they are fp16/bf16/fp32 (fp64 is left alone, as autocast does), so an fp32 ``weight``
+        parameter meets a bf16 ``hidden`` coming out of an autocast model. The casts are ordinary
+        differentiable ``.to`` calls: gradients come back in each input's original dtype (an fp32 parameter
+        gets an fp32 gradient). The capture itself then runs with autocast off, with its own fp32
+        accumulation: statistics and loss stay fp32. Outside an autocast region a ``hidden`` / ``weight``
+        dtype mismatch is a ``ValueError``.
+
+    torch.compile:
+        The op is opaque to ``torch.compile``: while Dynamo traces, the call becomes the custom op
+        ``torch.ops.tcopilot.logit_capture_fwd`` (``torch.library``; fake/meta implementation for shapes,
+        autograd formula calling ``torch.ops.tcopilot.logit_capture_bwd``), which runs the same PyTorch or
+        Triton launchers as eager mode. No graph break (``fullgraph=True`` works); the checks that read tensor
+        values (labels in range, a tensor ``num_items_in_batch`` > 0) then run when the op executes, still
+        raising ``ValueError``. Eager calls skip the dispatcher and use the autograd functions directly.
+
+    FSDP:
+        The fused op needs the full (gathered) LM-head ``weight`` of shape ``[V, d]``: call it inside the
+        FSDP-wrapped module's forward, where FSDP has unsharded the parameters, or on
+        ``weight.full_tensor()``. A ``DTensor`` (FSDP2 / tensor-parallel shard) is rejected with a
+        ``ValueError``. The op goes through autograd like ``F.linear``: it never reads ``.data`` or otherwise
+        bypasses autograd, and saves ``weight`` itself (not a copy) for the backward, so FSDP's
+        free-after-forward / re-gather-for-backward of the unsharded parameter and views into flat parameters
+        (FSDP1 ``use_orig_params``) work.
 
     Gradients:
         ``loss`` -> ``hidden`` and ``weight`` (``dz = (p - target) * dloss``, ``d weight`` accumulated in
@@ -144,18 +220,31 @@ def logit_capture(
     n, d = hidden.shape
     device = hidden.device
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=device, shape=(None, d))
+    vocab = weight.shape[0]
+    if values is not None:
+        check_tensor("values", values, ndim=2, dtypes=FLOAT_DTYPES, device=device, shape=(vocab, None))
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        for name, t in (("hidden", hidden), ("weight", weight), ("values", values)):
+            _check_not_sharded(name, t)
+    # Inside torch.autocast the LM head is a matmul: its operands go to the autocast dtype (the statistics stay
+    # fp32, the gradients come back in each input's dtype through the cast). Outside it, dtypes must agree.
+    amp_dtype = _autocast_dtype(device)
+    if amp_dtype is not None:
+        hidden = _autocast_cast(hidden, amp_dtype)
+        weight = _autocast_cast(weight, amp_dtype)
+        values = _autocast_cast(values, amp_dtype)
     if weight.dtype != hidden.dtype:
         raise ValueError(
             f"weight: expected dtype {str(hidden.dtype).replace('torch.', '')} (the dtype of hidden), "
             f"got {str(weight.dtype).replace('torch.', '')}"
         )
-    vocab = weight.shape[0]
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
     check_tensor("labels", labels, ndim=1, dtypes=LABEL_DTYPES, device=device, shape=(n,))
-    check_labels("labels", labels, vocab, ignore_index)
-    if values is not None:
-        check_tensor("values", values, ndim=2, dtypes=FLOAT_DTYPES, device=device, shape=(vocab, None))
+    if not compiling:
+        # Data-dependent (reads the labels back): under torch.compile the op checks them when it runs.
+        check_labels("labels", labels, vocab, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= vocab:
         raise ValueError(f"topk: expected an int in [0, {vocab}] (the vocabulary size), got {topk!r}")
@@ -187,6 +276,227 @@ def logit_capture(
         token_weights=token_weights,
         num_items_in_batch=num_items_in_batch,
     )
+    if compiling:
+        return _capture_op(hidden, weight, labels, values, resolved, **kwargs)
     if resolved == "triton":
         return fn(hidden, weight, labels, values, **kwargs)
     return logit_capture_torch(hidden, weight, labels, values, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile: the capture as two opaque torch.library custom ops (forward, backward) with autograd
+# ---------------------------------------------------------------------------------------------------------
+#
+# Eager calls use the autograd.Functions of torch_impl / triton_impl directly (no dispatcher round trip, unused
+# outputs get no gradient work). While Dynamo traces, logit_capture emits ``tcopilot::logit_capture_fwd``
+# instead: one node in the graph whose meta function (register_fake) gives the output shapes, and whose
+# autograd formula calls ``tcopilot::logit_capture_bwd``. Both run the same launchers as the eager path, so
+# compiled and eager results agree. A custom op cannot return None, so absent outputs travel as empty
+# tensors and are turned back into None by _capture_op. The schemas are spelled out (not inferred from
+# annotations) so that they read the same on every supported PyTorch.
+
+_FWD_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor labels, Tensor? values, Tensor? token_weights, Tensor? denom, "
+    "int ignore_index, str reduction, int topk, float? softcap, float label_smoothing, float z_loss, str impl) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, Tensor? token_weights, Tensor denom, "
+    "Tensor? g_loss, Tensor? g_p_values, int values_cols, ScalarType? values_dtype, bool need_hidden, "
+    "bool need_weight, int ignore_index, str reduction, float? softcap, float label_smoothing, float z_loss, "
+    "str impl) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launchers(impl: str):
+    if impl == "triton":
+        from .triton_impl import capture_bwd_triton, capture_fwd_triton
+
+        return capture_fwd_triton, capture_bwd_triton
+    return capture_fwd_torch, capture_bwd_torch
+
+
+@torch.library.custom_op("tcopilot::logit_capture_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _capture_fwd_op(
+    hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl
+):
+    """``(loss, lse, p_target, p_sq_sum, p_values | [N, 0], topk_ids [N, K], topk_logits [N, K], denom)``."""
+    # The checks that read tensor values, deferred from tracing to run time.
+    check_labels("labels", labels, weight.shape[0], ignore_index)
+    if denom is not None:
+        value = float(denom)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"num_items_in_batch: expected a finite number > 0, got {value!r}")
+    fwd, _ = _launchers(impl)
+    with no_autocast(hidden.device):
+        loss, lse, p_t, p_sq, p_v, ids, top, den = fwd(
+            hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl
+        )
+    n = hidden.shape[0]
+    if p_v is None:
+        p_v = lse.new_empty((n, 0))
+    if ids is None:
+        ids = torch.empty((n, 0), dtype=torch.int64, device=hidden.device)
+        top = lse.new_empty((n, 0))
+    # clone: an output of a custom op must not alias an input (den may be the denom passed in).
+    return loss, lse, p_t, p_sq, p_v, ids, top, den.clone()
+
+
+@_capture_fwd_op.register_fake
+def _(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl):
+    n = hidden.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    vec = hidden.new_empty((n,), dtype=acc)
+    loss = vec.new_empty((n,) if reduction == "none" else ())
+    k = values.shape[1] if values is not None else 0
+    return (
+        loss,
+        vec,
+        torch.empty_like(vec),
+        torch.empty_like(vec),
+        vec.new_empty((n, k)),
+        hidden.new_empty((n, topk), dtype=torch.int64),
+        vec.new_empty((n, topk)),
+        vec.new_empty(()),
+    )
+
+
+@torch.library.custom_op("tcopilot::logit_capture_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _capture_bwd_op(
+    hidden,
+    weight,
+    labels,
+    lse,
+    token_weights,
+    denom,
+    g_loss,
+    g_p_values,
+    values_cols,
+    values_dtype,
+    need_hidden,
+    need_weight,
+    ignore_index,
+    reduction,
+    softcap,
+    ls,
+    zl,
+    impl,
+):
+    """``(d_hidden, d_weight, d_values)``; an empty ``[0]`` tensor for a gradient not asked for."""
+    _, bwd = _launchers(impl)
+    values_meta = ((weight.shape[0], values_cols), values_dtype) if g_p_values is not None else None
+    with no_autocast(hidden.device):
+        dh, dw, dv = bwd(
+            hidden,
+            weight,
+            labels,
+            lse,
+            token_weights,
+            denom,
+            g_loss,
+            g_p_values,
+            values_meta,
+            need_hidden=need_hidden,
+            need_weight=need_weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            softcap=softcap,
+            label_smoothing=ls,
+            z_loss=zl,
+        )
+    dh = dh if dh is not None else hidden.new_empty((0,))
+    dw = dw if dw is not None else weight.new_empty((0,))
+    dv = dv if dv is not None else lse.new_empty((0,))
+    return dh, dw, dv
+
+
+@_capture_bwd_op.register_fake
+def _(hidden, weight, labels, lse, token_weights, denom, g_loss, g_p_values, values_cols, values_dtype, *args):
+    need_hidden, need_weight = args[:2]
+    dh = torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,))
+    dw = torch.empty_like(weight) if need_weight else weight.new_empty((0,))
+    if g_p_values is not None:
+        dv = lse.new_empty((weight.shape[0], values_cols), dtype=values_dtype)
+    else:
+        dv = lse.new_empty((0,))
+    return dh, dw, dv
+
+
+def _capture_setup(ctx, inputs, output):
+    hidden, weight, labels, values, token_weights, _, ignore_index, reduction, _, softcap, ls, zl, impl = inputs
+    _, lse, p_t, p_sq, _, ids, top, den = output
+    ctx.save_for_backward(hidden, weight, labels, lse, token_weights, den)
+    ctx.cfg = (ignore_index, reduction, softcap, ls, zl, impl)
+    ctx.values_meta = (values.shape[1], values.dtype) if values is not None else None
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, p_t, p_sq, ids, top, den)
+
+
+def _capture_backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_p_values, _g_ids, _g_top, _g_den):
+    hidden, weight, labels, lse, token_weights, den = ctx.saved_tensors
+    ignore_index, reduction, softcap, ls, zl, impl = ctx.cfg
+    need_h, need_w, _, need_v = ctx.needs_input_grad[:4]
+    if g_loss is None:
+        need_h = need_w = False
+    if not need_v or ctx.values_meta is None:
+        g_p_values = None
+    if not (need_h or need_w or g_p_values is not None):
+        return (None,) * 13
+    cols, v_dtype = ctx.values_meta if ctx.values_meta is not None else (0, None)
+    dh, dw, dv = torch.ops.tcopilot.logit_capture_bwd(
+        hidden,
+        weight,
+        labels,
+        lse,
+        token_weights,
+        den,
+        g_loss if (need_h or need_w) else None,
+        g_p_values,
+        cols,
+        v_dtype,
+        need_h,
+        need_w,
+        ignore_index,
+        reduction,
+        softcap,
+        ls,
+        zl,
+        impl,
+    )
+    dv = dv if g_p_values is not None else None
+    return (dh if need_h else None, dw if need_w else None, None, dv) + (None,) * 9
+
+
+_capture_fwd_op.register_autograd(_capture_backward, setup_context=_capture_setup)
+
+
+def _capture_op(hidden, weight, labels, values, impl, *, num_items_in_batch, token_weights, **kw) -> Capture:
+    """The compiled-graph form of :func:`logit_capture` (validated arguments; ``impl`` resolved)."""
+    acc = _acc_dtype(hidden.dtype)
+    denom = None
+    if num_items_in_batch is not None and kw["reduction"] == "mean":
+        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(acc).reshape(())
+    out = torch.ops.tcopilot.logit_capture_fwd(
+        hidden,
+        weight,
+        labels,
+        values,
+        token_weights,
+        denom,
+        kw["ignore_index"],
+        kw["reduction"],
+        kw["topk"],
+        kw["softcap"],
+        kw["label_smoothing"],
+        kw["z_loss"],
+        impl,
+    )
+    loss, lse, p_t, p_sq, p_v, ids, top, _ = out
+    has_top = kw["topk"] > 0
+    return Capture(
+        loss, lse, p_t, p_sq, p_v if values is not None else None, ids if has_top else None, top if has_top else None
+    )

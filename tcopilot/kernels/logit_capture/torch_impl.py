@@ -13,6 +13,8 @@ Math runs in fp32 (fp64 when the inputs are fp64), whatever the storage dtype; f
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -61,14 +63,217 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, cd: torch.dtype) -> torch.Te
     return h.to(cd) @ w.T
 
 
+def no_autocast(device: torch.device):
+    """A context in which autocast is off for ``device``'s type (a no-op when it is off already).
+
+    The capture's math is fp32 (fp64) by design, in its own chunked GEMMs: inside a user's
+    ``torch.autocast`` region those GEMMs would otherwise be recast to fp16/bf16. :mod:`.api` casts the
+    inputs like a matmul would *before* the op; forward and backward then run with autocast off.
+    """
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except (TypeError, RuntimeError):  # torch < 2.4 (no device argument) or a device type without autocast
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def capture_fwd_torch(
+    hidden,
+    weight,
+    labels,
+    values,
+    token_weights,
+    denom,
+    ignore_index,
+    reduction,
+    topk,
+    softcap,
+    label_smoothing,
+    z_loss,
+    chunk_size=None,
+):
+    """The chunked forward without autograd (see :class:`LogitCaptureTorchFunction` for the arguments).
+
+    Returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits, denom)`` with ``None`` for
+    absent outputs; ``denom`` is the "mean" denominator actually used (a 0-d tensor in the compute dtype).
+    """
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    cd = _compute_dtype(hidden.dtype)
+    dev = hidden.device
+    eps = float(label_smoothing)
+    chunk = int(chunk_size) if chunk_size else default_chunk_size(vocab)
+
+    w = weight.to(cd)
+    lab = labels.long()
+    counted = lab != ignore_index
+    y = torch.where(counted, lab, torch.zeros_like(lab))
+    vals = values.to(cd) if values is not None else None
+
+    # Poisoned, so a row the chunk loop failed to write shows up as NaN (or id -1) in the tests.
+    def buf(*shape, dtype=cd, fill=float("nan")):
+        return torch.full(shape, fill, dtype=dtype, device=dev)
+
+    lse, z_y, p_target, p_sq_sum = buf(n), buf(n), buf(n), buf(n)
+    z_mean = buf(n) if eps > 0 else None
+    p_values = buf(n, vals.shape[1]) if vals is not None else None
+    topk_ids = buf(n, topk, dtype=torch.int64, fill=-1) if topk > 0 else None
+    topk_logits = buf(n, topk) if topk > 0 else None
+
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        z = _chunk_logits(hidden[r0:r1], w, cd)
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
+        yc = y[r0:r1, None]
+        z_y[r0:r1] = z.gather(1, yc).squeeze(1)
+        if z_mean is not None:
+            z_mean[r0:r1] = z.mean(dim=1)
+        if topk > 0:
+            topk_ids[r0:r1], topk_logits[r0:r1] = _topk_lowest_id(z, topk)
+        # z becomes p in place, so a chunk costs one [T, V] buffer.
+        m = z.amax(dim=1, keepdim=True)
+        p = z.sub_(m).exp_()
+        s = p.sum(dim=1, keepdim=True)
+        p.div_(s)
+        lse[r0:r1] = (m + s.log()).squeeze(1)
+        p_target[r0:r1] = p.gather(1, yc).squeeze(1)
+        # A batched row-dot avoids the [T, V] temporary of (p * p).sum(1).
+        p_sq_sum[r0:r1] = torch.bmm(p.unsqueeze(1), p.unsqueeze(2)).view(-1)
+        if vals is not None:
+            torch.mm(p, vals, out=p_values[r0:r1])
+        del z, p
+
+    p_target = torch.where(counted, p_target, torch.zeros_like(p_target))
+    row = lse - z_y
+    if eps > 0:
+        row = (1.0 - eps) * row + eps * (lse - z_mean)
+    if z_loss:
+        row = row + z_loss * lse * lse
+    if token_weights is not None:
+        row = row * token_weights.detach().to(cd)
+    row = torch.where(counted, row, torch.zeros_like(row))
+
+    if denom is None:
+        denom = counted.sum().clamp(min=1).to(cd)
+    if reduction == "none":
+        loss = row
+    elif reduction == "sum":
+        loss = row.sum()
+    else:
+        loss = row.sum() / denom
+    return loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits, denom
+
+
+def capture_bwd_torch(
+    hidden,
+    weight,
+    labels,
+    lse,
+    token_weights,
+    denom,
+    g_loss,
+    g_values,
+    values_meta,
+    *,
+    need_hidden,
+    need_weight,
+    ignore_index,
+    reduction,
+    softcap,
+    label_smoothing,
+    z_loss,
+    chunk_size=None,
+):
+    """The chunked backward without autograd: ``(d_hidden, d_weight, d_values)``, ``None`` where not needed.
+
+    ``denom`` is the denominator returned by :func:`capture_fwd_torch`; ``g_loss`` / ``g_values`` the
+    upstream gradients of ``loss`` / ``p_values`` or ``None``; ``values_meta`` ``(shape, dtype)`` of
+    ``values`` or ``None``.
+    """
+    cd = _compute_dtype(hidden.dtype)
+    eps = float(label_smoothing)
+    z_loss = float(z_loss)
+    vocab = weight.shape[0]
+    chunk = int(chunk_size) if chunk_size else default_chunk_size(vocab)
+    do_loss = g_loss is not None and (need_hidden or need_weight)
+    do_vals = g_values is not None and values_meta is not None
+    if not (do_loss or do_vals):
+        return None, None, None
+
+    n = hidden.shape[0]
+    lab = labels.long()
+    counted = lab != ignore_index
+    y = torch.where(counted, lab, torch.zeros_like(lab))
+    w = weight.to(cd)
+
+    d_hidden = d_weight = d_values = None
+    if do_loss:
+        g = g_loss.to(cd)
+        if reduction == "none":
+            coef = g
+        elif reduction == "sum":
+            coef = g.expand(n)
+        else:
+            coef = (g / denom).expand(n)
+        if token_weights is not None:
+            coef = coef * token_weights.detach().to(cd)
+        # where, not a multiply: a NaN upstream gradient on an ignored row must not leak.
+        coef = torch.where(counted, coef, torch.zeros_like(coef))
+        # d row / d z_v = (1 + 2 z_loss lse) p_v - (1 - eps) [v = y] - eps / V
+        scale_p = (coef * (1.0 + 2.0 * z_loss * lse))[:, None] if z_loss else coef[:, None]
+        hot = (-(1.0 - eps) * coef)[:, None]
+        uniform = (eps / vocab) * coef[:, None] if eps > 0 else None
+        if need_hidden:
+            d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        if need_weight:
+            d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+    if do_vals:
+        gv = g_values.to(cd)
+        d_values = torch.zeros(tuple(values_meta[0]), dtype=cd, device=weight.device)
+
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        h = hidden[r0:r1].to(cd)
+        z = h @ w.T
+        if softcap is not None:
+            t = z.div_(softcap).tanh_()
+            p = torch.mul(t, softcap).sub_(lse[r0:r1, None]).exp_()
+            cap_grad = t.mul_(t).neg_().add_(1.0)  # d(s tanh(z/s))/dz = 1 - tanh^2
+        else:
+            p = z.sub_(lse[r0:r1, None]).exp_()
+            cap_grad = None
+        if do_vals:
+            d_values.addmm_(p.T, gv[r0:r1])
+        if do_loss:
+            dz = p.mul_(scale_p[r0:r1])
+            if uniform is not None:
+                dz.sub_(uniform[r0:r1])
+            dz.scatter_add_(1, y[r0:r1, None], hot[r0:r1])
+            if cap_grad is not None:
+                dz.mul_(cap_grad)
+            if need_hidden:
+                d_hidden[r0:r1] = dz @ w
+            if need_weight:
+                d_weight.addmm_(dz.T, h)
+        del z, p, cap_grad
+
+    if d_weight is not None:
+        d_weight = d_weight.to(weight.dtype)
+    if d_values is not None:
+        d_values = d_values.to(values_meta[1])
+    return d_hidden, d_weight, d_values
+
+
 class LogitCaptureTorchFunction(torch.autograd.Function):
     """Chunked forward and backward of the capture; see the module docstring.
 
     ``forward(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
     label_smoothing, z_loss, chunk_size)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
     topk_logits)`` with ``None`` for absent outputs. ``denom`` is the "mean" denominator as a 0-d tensor, or
-    ``None`` for the number of counted rows. Saved for backward: hidden, weight, the clamped labels, the
-    counted mask, lse, token weights and the denominator; never anything of size ``N x V``.
+    ``None`` for the number of counted rows. Saved for backward: hidden, weight, labels, lse, token weights
+    and the denominator; never anything of size ``N x V``. Forward and backward run with autocast off
+    (:func:`no_autocast`).
     """
 
     @staticmethod
@@ -88,155 +293,57 @@ class LogitCaptureTorchFunction(torch.autograd.Function):
         z_loss,
         chunk_size,
     ):
-        n, d = hidden.shape
-        vocab = weight.shape[0]
-        cd = _compute_dtype(hidden.dtype)
-        dev = hidden.device
-        eps = float(label_smoothing)
-        chunk = int(chunk_size) if chunk_size else default_chunk_size(vocab)
-
-        w = weight.to(cd)
-        lab = labels.long()
-        counted = lab != ignore_index
-        y = torch.where(counted, lab, torch.zeros_like(lab))
-        vals = values.to(cd) if values is not None else None
-
-        # Poisoned, so a row the chunk loop failed to write shows up as NaN (or id -1) in the tests.
-        def buf(*shape, dtype=cd, fill=float("nan")):
-            return torch.full(shape, fill, dtype=dtype, device=dev)
-
-        lse, z_y, p_target, p_sq_sum = buf(n), buf(n), buf(n), buf(n)
-        z_mean = buf(n) if eps > 0 else None
-        p_values = buf(n, vals.shape[1]) if vals is not None else None
-        topk_ids = buf(n, topk, dtype=torch.int64, fill=-1) if topk > 0 else None
-        topk_logits = buf(n, topk) if topk > 0 else None
-
-        for r0 in range(0, n, chunk):
-            r1 = min(n, r0 + chunk)
-            z = _chunk_logits(hidden[r0:r1], w, cd)
-            if softcap is not None:
-                z.div_(softcap).tanh_().mul_(softcap)
-            yc = y[r0:r1, None]
-            z_y[r0:r1] = z.gather(1, yc).squeeze(1)
-            if z_mean is not None:
-                z_mean[r0:r1] = z.mean(dim=1)
-            if topk > 0:
-                topk_ids[r0:r1], topk_logits[r0:r1] = _topk_lowest_id(z, topk)
-            # z becomes p in place, so a chunk costs one [T, V] buffer.
-            m = z.amax(dim=1, keepdim=True)
-            p = z.sub_(m).exp_()
-            s = p.sum(dim=1, keepdim=True)
-            p.div_(s)
-            lse[r0:r1] = (m + s.log()).squeeze(1)
-            p_target[r0:r1] = p.gather(1, yc).squeeze(1)
-            # A batched row-dot avoids the [T, V] temporary of (p * p).sum(1).
-            p_sq_sum[r0:r1] = torch.bmm(p.unsqueeze(1), p.unsqueeze(2)).view(-1)
-            if vals is not None:
-                torch.mm(p, vals, out=p_values[r0:r1])
-            del z, p
-
-        p_target = torch.where(counted, p_target, torch.zeros_like(p_target))
-        row = lse - z_y
-        if eps > 0:
-            row = (1.0 - eps) * row + eps * (lse - z_mean)
-        if z_loss:
-            row = row + z_loss * lse * lse
-        tw = token_weights.to(cd) if token_weights is not None else None
-        if tw is not None:
-            row = row * tw
-        row = torch.where(counted, row, torch.zeros_like(row))
-
-        if denom is None:
-            denom = counted.sum().clamp(min=1).to(cd)
-        if reduction == "none":
-            loss = row
-        elif reduction == "sum":
-            loss = row.sum()
-        else:
-            loss = row.sum() / denom
-
-        ctx.save_for_backward(hidden, weight, y, counted, lse, tw, denom)
-        ctx.cfg = (reduction, softcap, eps, float(z_loss), chunk, cd)
+        with no_autocast(hidden.device):
+            *out, denom = capture_fwd_torch(
+                hidden,
+                weight,
+                labels,
+                values,
+                token_weights,
+                denom,
+                ignore_index,
+                reduction,
+                topk,
+                softcap,
+                label_smoothing,
+                z_loss,
+                chunk_size,
+            )
+        loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits = out
+        ctx.save_for_backward(hidden, weight, labels, lse, token_weights, denom)
+        ctx.cfg = (ignore_index, reduction, softcap, float(label_smoothing), float(z_loss), chunk_size)
         ctx.values_meta = (values.shape, values.dtype) if values is not None else None
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(
-            *[t for t in (lse, p_target, p_sq_sum, topk_ids, topk_logits) if t is not None]
-        )
+        ctx.mark_non_differentiable(*[t for t in (lse, p_target, p_sq_sum, topk_ids, topk_logits) if t is not None])
         return loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_values, _g_ids, _g_tl):
-        hidden, weight, y, counted, lse, tw, denom = ctx.saved_tensors
-        reduction, softcap, eps, z_loss, chunk, cd = ctx.cfg
+        hidden, weight, labels, lse, token_weights, denom = ctx.saved_tensors
+        ignore_index, reduction, softcap, eps, z_loss, chunk_size = ctx.cfg
         need_h, need_w, _, need_v = ctx.needs_input_grad[:4]
-        do_loss = g_loss is not None and (need_h or need_w)
-        do_vals = g_values is not None and need_v and ctx.values_meta is not None
-        none_tail = (None,) * 9
-        if not (do_loss or do_vals):
-            return (None, None, None, None) + none_tail
-
-        n = hidden.shape[0]
-        vocab = weight.shape[0]
-        w = weight.to(cd)
-
-        d_hidden = d_weight = d_values = None
-        if do_loss:
-            g = g_loss.to(cd)
-            if reduction == "none":
-                coef = g
-            elif reduction == "sum":
-                coef = g.expand(n)
-            else:
-                coef = (g / denom).expand(n)
-            if tw is not None:
-                coef = coef * tw
-            # where, not a multiply: a NaN upstream gradient on an ignored row must not leak.
-            coef = torch.where(counted, coef, torch.zeros_like(coef))
-            # d row / d z_v = (1 + 2 z_loss lse) p_v - (1 - eps) [v = y] - eps / V
-            scale_p = (coef * (1.0 + 2.0 * z_loss * lse))[:, None] if z_loss else coef[:, None]
-            hot = (-(1.0 - eps) * coef)[:, None]
-            uniform = (eps / vocab) * coef[:, None] if eps > 0 else None
-            if need_h:
-                d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-            if need_w:
-                d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device)
-        if do_vals:
-            gv = g_values.to(cd)
-            shape, _ = ctx.values_meta
-            d_values = torch.zeros(shape, dtype=cd, device=weight.device)
-
-        for r0 in range(0, n, chunk):
-            r1 = min(n, r0 + chunk)
-            h = hidden[r0:r1].to(cd)
-            z = h @ w.T
-            if softcap is not None:
-                t = z.div_(softcap).tanh_()
-                p = torch.mul(t, softcap).sub_(lse[r0:r1, None]).exp_()
-                cap_grad = t.mul_(t).neg_().add_(1.0)  # d(s tanh(z/s))/dz = 1 - tanh^2
-            else:
-                p = z.sub_(lse[r0:r1, None]).exp_()
-                cap_grad = None
-            if do_vals:
-                d_values.addmm_(p.T, gv[r0:r1])
-            if do_loss:
-                dz = p.mul_(scale_p[r0:r1])
-                if uniform is not None:
-                    dz.sub_(uniform[r0:r1])
-                dz.scatter_add_(1, y[r0:r1, None], hot[r0:r1])
-                if cap_grad is not None:
-                    dz.mul_(cap_grad)
-                if need_h:
-                    d_hidden[r0:r1] = dz @ w
-                if need_w:
-                    d_weight.addmm_(dz.T, h)
-            del z, p, cap_grad
-
-        if d_weight is not None:
-            d_weight = d_weight.to(weight.dtype)
-        if d_values is not None:
-            d_values = d_values.to(ctx.values_meta[1])
-        return (d_hidden, d_weight, None, d_values) + none_tail
+        with no_autocast(hidden.device):
+            dh, dw, dv = capture_bwd_torch(
+                hidden,
+                weight,
+                labels,
+                lse,
+                token_weights,
+                denom,
+                g_loss,
+                g_values if need_v else None,
+                ctx.values_meta,
+                need_hidden=need_h,
+                need_weight=need_w,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                softcap=softcap,
+                label_smoothing=eps,
+                z_loss=z_loss,
+                chunk_size=chunk_size,
+            )
+        return (dh, dw, None, dv) + (None,) * 9
 
 
 def logit_capture_torch(

@@ -80,10 +80,12 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .capture import Capture
-from .torch_impl import _topk_lowest_id
+from .torch_impl import _topk_lowest_id, no_autocast
 
 __all__ = [
     "CaptureTuning",
+    "capture_bwd_triton",
+    "capture_fwd_triton",
     "LogitCaptureFunction",
     "logit_capture_bwd",
     "logit_capture_fwd",
@@ -383,9 +385,7 @@ def plan_fwd_rows(n: int, vocab: int, bytes_per_elem: int, budget_bytes: int | N
     return _round_rows(budget // max(1, vocab * bytes_per_elem), n)
 
 
-def plan_bwd_block(
-    n: int, vocab: int, bytes_per_elem: int, budget_bytes: int | None = None
-) -> tuple[int, int]:
+def plan_bwd_block(n: int, vocab: int, bytes_per_elem: int, budget_bytes: int | None = None) -> tuple[int, int]:
     """``(Tb, Vc)`` of a backward block: ``Tb * Vc * bytes_per_elem <= budget``.
 
     The whole ``N x V`` when it fits (one GEMM per gradient, no accumulation at all). Else all ``N`` rows and
@@ -576,9 +576,7 @@ def logit_capture_bwd(
     d_hidden = dh_acc = None
     if need_dz and need_hidden:
         d_hidden = _out((n, d), hidden.dtype, dev)
-        dh_acc = (
-            d_hidden if (one_vchunk or hidden.dtype == acc) else torch.empty((n, d), dtype=acc, device=dev)
-        )
+        dh_acc = d_hidden if (one_vchunk or hidden.dtype == acc) else torch.empty((n, d), dtype=acc, device=dev)
     d_weight = _out((vocab, d), weight.dtype, dev) if need_dz and need_weight else None
     d_values = _out(tuple(values_meta[0]), v_dtype, dev) if need_p else None
 
@@ -646,15 +644,129 @@ def logit_capture_bwd(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def capture_fwd_triton(
+    hidden,
+    weight,
+    labels,
+    values,
+    token_weights,
+    denom,
+    ignore_index,
+    reduction,
+    topk,
+    softcap,
+    label_smoothing,
+    z_loss,
+    tuning=None,
+):
+    """The forward with the loss reduction, without autograd (arguments as :class:`LogitCaptureFunction`).
+
+    Returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits, denom)`` with ``None`` for
+    absent outputs; ``denom`` is the "mean" denominator actually used (0-d, accumulation dtype).
+    """
+    acc = _acc_dtype(hidden.dtype)
+    lab = labels.to(torch.int64).contiguous()
+    counted = lab != ignore_index
+    lse, p_target, p_sq, row, p_values, topk_ids, topk_logits = logit_capture_fwd(
+        hidden,
+        weight,
+        lab,
+        values,
+        ignore_index=ignore_index,
+        topk=topk,
+        softcap=softcap,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        tuning=tuning,
+    )
+    if token_weights is not None:
+        tw = token_weights.detach().to(acc)
+        # where, not a multiply: a NaN/inf weight on an ignored row must not reach the loss.
+        row = torch.where(counted, row * tw, torch.zeros_like(row))
+    if denom is None:
+        denom = counted.sum().clamp(min=1).to(acc)  # all rows ignored: 0 / 1 = 0, never NaN
+    else:
+        denom = denom.to(acc)
+    if reduction == "none":
+        loss = row
+    elif reduction == "sum":
+        loss = row.sum()
+    else:
+        loss = row.sum() / denom
+    return loss, lse, p_target, p_sq, p_values, topk_ids, topk_logits, denom
+
+
+def capture_bwd_triton(
+    hidden,
+    weight,
+    labels,
+    lse,
+    token_weights,
+    denom,
+    g_loss,
+    g_values,
+    values_meta,
+    *,
+    need_hidden,
+    need_weight,
+    ignore_index,
+    reduction,
+    softcap,
+    label_smoothing,
+    z_loss,
+    tuning=None,
+):
+    """The backward without autograd: ``(d_hidden, d_weight, d_values)``, ``None`` where not needed.
+
+    ``denom`` as returned by :func:`capture_fwd_triton`; ``g_loss`` / ``g_values`` the upstream gradients of
+    ``loss`` / ``p_values`` or ``None``; ``values_meta`` ``(shape, dtype)`` of ``values`` or ``None``.
+    """
+    lab = labels.to(torch.int64).contiguous()
+    dloss = None
+    if g_loss is not None and (need_hidden or need_weight):
+        counted = lab != ignore_index
+        n = hidden.shape[0]
+        g = g_loss.to(lse.dtype)
+        if reduction == "none":
+            coef = g
+        elif reduction == "sum":
+            coef = g.expand(n)
+        else:
+            coef = (g / denom).expand(n)
+        if token_weights is not None:
+            coef = coef * token_weights.detach().to(lse.dtype)
+        # where, not a multiply: a NaN upstream gradient on an ignored row must not leak.
+        dloss = torch.where(counted, coef, torch.zeros_like(coef)).contiguous()
+    if values_meta is None:
+        g_values = None
+    dh, dw, dv = logit_capture_bwd(
+        hidden,
+        weight,
+        lab,
+        lse,
+        dloss,
+        g_values,
+        values_meta,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        softcap=softcap,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        tuning=tuning,
+    )
+    return dh if need_hidden else None, dw if need_weight else None, dv
+
+
 class LogitCaptureFunction(torch.autograd.Function):
     """The capture as one autograd node.
 
     ``forward(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
     label_smoothing, z_loss, tuning)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
     topk_logits)``. ``denom``: the "mean" denominator as a 0-d tensor, or ``None`` for the number of counted
-    rows. Saved for backward: hidden, weight, labels, the counted mask, lse, token weights, denom (``values``
-    only as shape and dtype: ``d values = P^T dU`` does not read it). Only ``loss`` (-> hidden, weight) and
-    ``p_values`` (-> values) are differentiable.
+    rows. Saved for backward: hidden, weight, labels, lse, token weights, denom (``values`` only as shape and
+    dtype: ``d values = P^T dU`` does not read it). Only ``loss`` (-> hidden, weight) and ``p_values``
+    (-> values) are differentiable. Forward and backward run with autocast off (the GEMMs of the chunk loop
+    have their own fp32 accumulation; :mod:`.api` casts the inputs for an autocast region).
     """
 
     @staticmethod
@@ -674,84 +786,57 @@ class LogitCaptureFunction(torch.autograd.Function):
         z_loss,
         tuning,
     ):
-        acc = _acc_dtype(hidden.dtype)
-        lab = labels.to(torch.int64).contiguous()
-        counted = lab != ignore_index
-        lse, p_target, p_sq, row, p_values, topk_ids, topk_logits = logit_capture_fwd(
-            hidden,
-            weight,
-            lab,
-            values,
-            ignore_index=ignore_index,
-            topk=topk,
-            softcap=softcap,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            tuning=tuning,
-        )
-        tw = token_weights.detach().to(acc).contiguous() if token_weights is not None else None
-        if tw is not None:
-            # where, not a multiply: a NaN/inf weight on an ignored row must not reach the loss.
-            row = torch.where(counted, row * tw, torch.zeros_like(row))
-        if denom is None:
-            denom = counted.sum().clamp(min=1).to(acc)  # all rows ignored: 0 / 1 = 0, never NaN
-        else:
-            denom = denom.to(acc)
-        if reduction == "none":
-            loss = row
-        elif reduction == "sum":
-            loss = row.sum()
-        else:
-            loss = row.sum() / denom
-
-        ctx.save_for_backward(hidden, weight, lab, counted, lse, tw, denom)
+        with no_autocast(hidden.device):
+            *out, denom = capture_fwd_triton(
+                hidden,
+                weight,
+                labels,
+                values,
+                token_weights,
+                denom,
+                ignore_index,
+                reduction,
+                topk,
+                softcap,
+                label_smoothing,
+                z_loss,
+                tuning,
+            )
+        loss, lse, p_target, p_sq, p_values, topk_ids, topk_logits = out
+        ctx.save_for_backward(hidden, weight, labels, lse, token_weights, denom)
         ctx.cfg = (ignore_index, reduction, softcap, float(label_smoothing), float(z_loss), tuning)
         ctx.values_meta = (values.shape, values.dtype) if values is not None else None
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(
-            *[t for t in (lse, p_target, p_sq, topk_ids, topk_logits) if t is not None]
-        )
+        ctx.mark_non_differentiable(*[t for t in (lse, p_target, p_sq, topk_ids, topk_logits) if t is not None])
         return loss, lse, p_target, p_sq, p_values, topk_ids, topk_logits
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_pv, _g_ids, _g_tl):
-        hidden, weight, lab, counted, lse, tw, denom = ctx.saved_tensors
-        _, reduction, softcap, eps, z_loss, tuning = ctx.cfg
+        hidden, weight, labels, lse, token_weights, denom = ctx.saved_tensors
+        ignore_index, reduction, softcap, eps, z_loss, tuning = ctx.cfg
         need_h, need_w, _, need_v = ctx.needs_input_grad[:4]
-        tail = (None,) * 9
-        dloss = None
-        if g_loss is not None and (need_h or need_w):
-            n = hidden.shape[0]
-            g = g_loss.to(lse.dtype)
-            if reduction == "none":
-                coef = g
-            elif reduction == "sum":
-                coef = g.expand(n)
-            else:
-                coef = (g / denom).expand(n)
-            if tw is not None:
-                coef = coef * tw
-            # where, not a multiply: a NaN upstream gradient on an ignored row must not leak.
-            dloss = torch.where(counted, coef, torch.zeros_like(coef)).contiguous()
-        if not (need_v and ctx.values_meta is not None):
-            g_pv = None
-        dh, dw, dv = logit_capture_bwd(
-            hidden,
-            weight,
-            lab,
-            lse,
-            dloss,
-            g_pv,
-            ctx.values_meta,
-            need_hidden=need_h,
-            need_weight=need_w,
-            softcap=softcap,
-            label_smoothing=eps,
-            z_loss=z_loss,
-            tuning=tuning,
-        )
-        return (dh if need_h else None, dw if need_w else None, None, dv) + tail
+        with no_autocast(hidden.device):
+            dh, dw, dv = capture_bwd_triton(
+                hidden,
+                weight,
+                labels,
+                lse,
+                token_weights,
+                denom,
+                g_loss,
+                g_pv if need_v else None,
+                ctx.values_meta,
+                need_hidden=need_h,
+                need_weight=need_w,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                softcap=softcap,
+                label_smoothing=eps,
+                z_loss=z_loss,
+                tuning=tuning,
+            )
+        return (dh, dw, None, dv) + (None,) * 9
 
 
 def logit_capture_triton(
@@ -774,9 +859,7 @@ def logit_capture_triton(
     plus ``tuning`` (:class:`CaptureTuning`: chunking and launch parameters, ``None`` = automatic)."""
     denom = None
     if num_items_in_batch is not None and reduction == "mean":
-        denom = (
-            torch.as_tensor(num_items_in_batch, device=hidden.device).to(_acc_dtype(hidden.dtype)).reshape(())
-        )
+        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(_acc_dtype(hidden.dtype)).reshape(())
     out = LogitCaptureFunction.apply(
         hidden,
         weight,
