@@ -2,8 +2,8 @@
 
 Public API (DESIGN.md section 5): the fused ops ``logit_capture``, ``copilot_error_loss``,
 ``log_attention``, ``rectified_next_token`` (each with a naive ``*_reference`` oracle), the models
-``CopilotConfig`` / ``Copilot`` / ``TransformerCopilot``, and ``generate``. Triton is imported lazily,
-so ``import tcopilot`` works on machines without it.
+``CopilotConfig`` / ``Copilot`` / ``TransformerCopilot``, ``generate``, and the replay buffer
+``MistakeLog``. Triton is imported lazily, so ``import tcopilot`` works on machines without it.
 """
 
 from tcopilot.copilot import Copilot, CopilotConfig
@@ -12,6 +12,7 @@ from tcopilot.kernels.copilot_error_loss import copilot_error_loss, copilot_erro
 from tcopilot.kernels.log_attention import log_attention, log_attention_reference
 from tcopilot.kernels.logit_capture import Capture, logit_capture, logit_capture_reference
 from tcopilot.kernels.rectified_next_token import rectified_next_token, rectified_next_token_reference
+from tcopilot.mistake_log import MistakeLog
 from tcopilot.pilot import TransformerCopilot
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "Capture",
     "Copilot",
     "CopilotConfig",
+    "MistakeLog",
     "TransformerCopilot",
     "copilot_error_loss",
     "copilot_error_loss_reference",

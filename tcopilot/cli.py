@@ -89,7 +89,9 @@ def _generate(args) -> int:
 
 
 def _inspect(args) -> int:
-    for name in ("pilot_only", "joint"):
+    if not os.path.isdir(args.run_dir):
+        raise SystemExit(f"run_dir: expected a run directory, got {args.run_dir!r} (not a directory)")
+    for name in (".", "pilot_only", "joint"):
         path = os.path.join(args.run_dir, name, "metrics.jsonl")
         if not os.path.exists(path):
             continue
@@ -102,6 +104,9 @@ def _inspect(args) -> int:
     rep = os.path.join(args.run_dir, "report.md")
     if os.path.exists(rep):
         print(open(rep).read())
+    from tcopilot.inspection import inspect_run
+
+    inspect_run(args.run_dir, top=args.top, plot_path=None if args.no_plot else (args.plot or ""))
     return 0
 
 
@@ -144,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=_generate)
 
-    i = sub.add_parser("inspect", help="summarise the losses and report of a run directory")
+    i = sub.add_parser("inspect", help="what the Pilot got wrong: losses, error mass, confusions, plot")
     i.add_argument("run_dir")
+    i.add_argument("--top", type=int, default=10, help="confusions and tokens to list")
+    i.add_argument("--plot", default=None, help="PNG path (default RUN_DIR/mistakes.png)")
+    i.add_argument("--no-plot", action="store_true")
     i.set_defaults(fn=_inspect)
     return p
 

@@ -9,8 +9,8 @@ and the decode throughput of both.
 Run layout::
 
     RUN_DIR/config.json, tokenizer.json, report.md, results.json
-    RUN_DIR/pilot_only/{metrics.jsonl, checkpoint-*/, pilot/}
-    RUN_DIR/joint/{metrics.jsonl, checkpoint-*/, pilot/, copilot/}
+    RUN_DIR/pilot_only/{metrics.jsonl, checkpoint-*/, pilot/, mistake_log/}
+    RUN_DIR/joint/{metrics.jsonl, checkpoint-*/, pilot/, copilot/, mistake_log/}
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ class ExperimentConfig:
     lams: tuple = (0.5, 1.0)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=300, batch_size=32, lr_pilot=2e-3, lr_copilot=2e-3, warmup_steps=30, ckpt_every=100, log_every=10
+            steps=300, batch_size=32, lr_pilot=2e-3, lr_copilot=2e-3, warmup_steps=30, ckpt_every=100, log_every=10,
+            # A small Mistake Log for `tcopilot inspect` (~0.25 MB a step, last 8 steps kept; the per-step
+            # history and confusion counts cover the whole run).
+            keep_log=True, log_steps=8, log_topk=8, log_pooled_dtype="int8",
         )
     )
 

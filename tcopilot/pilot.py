@@ -21,6 +21,7 @@ from tcopilot.kernels.copilot_error_loss import copilot_error_loss
 from tcopilot.kernels.logit_capture import logit_capture
 
 IGNORE_INDEX = -100
+LOG_MODES = ("online", "replay")
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -103,8 +104,44 @@ def _cache_kwarg(base: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def pilot_backbone(pilot: nn.Module) -> nn.Module:
+    """The Pilot's decoder stack without its LM head (``LlamaModel`` inside ``LlamaForCausalLM``).
+
+    A ``peft.PeftModel`` is unwrapped first: its own ``base_model`` is PEFT's tuner, whose forward runs the
+    whole causal LM (materialising ``[tokens x vocab]`` logits). Adapter methods such as LoRA live inside
+    the wrapped Linear layers, so the backbone of ``get_base_model()`` runs with the adapters active.
+    Prompt-learning methods (prefix/prompt tuning) edit the inputs inside ``PeftModel.forward``, which
+    this bypasses, so they are refused.
+    """
+    peft_config = getattr(pilot, "active_peft_config", None)
+    if peft_config is not None and callable(getattr(pilot, "get_base_model", None)):
+        if getattr(peft_config, "is_prompt_learning", False):
+            raise ValueError(
+                f"pilot: prompt-learning PEFT methods ({type(peft_config).__name__}) are not supported; "
+                "use an adapter method such as LoRA (peft.LoraConfig)"
+            )
+        pilot = pilot.get_base_model()
+    return pilot.base_model
+
+
+def _check_lm_head(pilot: nn.Module) -> None:
+    """The fused ops read ``lm_head.weight``: refuse an adapter on the head, whose delta they would ignore."""
+    head = pilot.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"pilot: expected an LM head with a weight (get_output_embeddings()), got {head!r}")
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    if isinstance(head, BaseTunerLayer):
+        raise ValueError(
+            "pilot: its LM head carries a PEFT adapter, which the fused LM head would ignore; leave lm_head out "
+            "of target_modules (train it in full with modules_to_save=['lm_head'] if needed)"
+        )
+
+
 def run_base(base: nn.Module, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
-    """Run the Pilot's base model; returns ``(last_hidden_state, cache)``."""
+    """Run the Pilot's base model (see :func:`pilot_backbone`); returns ``(last_hidden_state, cache)``."""
     kw = {_cache_kwarg(base): cache} if cache is not None else {}
     out = base(
         input_ids=input_ids,
@@ -113,10 +150,17 @@ def run_base(base: nn.Module, input_ids, attention_mask, position_ids, cache=Non
         use_cache=use_cache,
         **kw,
     )
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        raise ValueError(
+            f"pilot: its backbone {type(base).__name__} returned no last_hidden_state (got "
+            f"{type(out).__name__}); pass a Hugging Face causal LM whose base_model is the decoder stack "
+            "(e.g. LlamaForCausalLM) or a peft LoRA model of one"
+        )
     new_cache = getattr(out, "cache", None)
     if new_cache is None:
         new_cache = getattr(out, "past_key_values", None)
-    return out.last_hidden_state, new_cache
+    return hidden, new_cache
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -149,14 +193,31 @@ class TransformerCopilot(nn.Module):
     is detached (paper, App. A.3), so ``output.loss.backward()`` trains both models at once.
 
     ``copilot=None`` gives the Pilot alone with the same fused loss (the paper's "Pilot-only" baseline).
+
+    ``mistake_log`` (a :class:`tcopilot.MistakeLog`): when set, every training-mode forward (``model.train()``
+    with gradients enabled) also pushes its compressed log (top-k from the same capture pass) into it.
+    ``log_mode="replay"`` (paper, Algorithm 1 lines 13-19): the Copilot is then trained on an entry drawn
+    uniformly from that buffer instead of the current batch (:func:`tcopilot.replay.replay_copilot_loss`);
+    a default ``MistakeLog()`` is created when none is given. Outside training, replay mode computes the
+    exact online Copilot loss of the given batch.
     """
 
-    def __init__(self, pilot: nn.Module, copilot: Copilot | None = None, *, impl: str = "auto"):
+    def __init__(self, pilot: nn.Module, copilot: Copilot | None = None, *, impl: str = "auto",
+                 log_mode: str = "online", mistake_log=None):
         super().__init__()
         self.pilot = pilot
         self.copilot = copilot
         self.impl = impl
+        if log_mode not in LOG_MODES:
+            raise ValueError(f"log_mode: expected one of {LOG_MODES}, got {log_mode!r}")
+        if log_mode == "replay" and mistake_log is None:
+            from tcopilot.mistake_log import MistakeLog
+
+            mistake_log = MistakeLog()
+        self.log_mode = log_mode
+        self.mistake_log = mistake_log
         find_decoder_layers(pilot)  # fail early with a clear message
+        _check_lm_head(pilot)
         if copilot is not None:
             vocab = pilot.get_output_embeddings().weight.shape[0]
             if copilot.config.vocab_size != vocab:
@@ -189,11 +250,15 @@ class TransformerCopilot(nn.Module):
         bsz, length = input_ids.shape
         pos = positions_from_mask(attention_mask)
         with pilot_states(self.pilot) as states:
-            hidden, _ = run_base(self.pilot.base_model, input_ids, attention_mask, pos.clamp(min=0))
+            hidden, _ = run_base(pilot_backbone(self.pilot), input_ids, attention_mask, pos.clamp(min=0))
         lm_head = self.pilot.get_output_embeddings()
         target = shift_labels(labels, ignore_index)
         flat_target = target.reshape(-1)
-        values = self.copilot.capture_values() if self.copilot is not None else None
+        log = self.mistake_log
+        record = log is not None and self.training and torch.is_grad_enabled()
+        replaying = record and self.log_mode == "replay" and self.copilot is not None
+        vocab = lm_head.weight.shape[0]
+        values = self.copilot.capture_values() if self.copilot is not None and not replaying else None
         cap = logit_capture(
             hidden.reshape(bsz * length, -1),
             lm_head.weight,
@@ -202,12 +267,21 @@ class TransformerCopilot(nn.Module):
             ignore_index=ignore_index,
             softcap=self.softcap,
             num_items_in_batch=num_items_in_batch,
+            topk=min(log.topk, vocab) if record else 0,
             impl=self.impl,
         )
+        if record:
+            log.push(input_ids=input_ids, attention_mask=attention_mask, targets=flat_target, capture=cap,
+                     pooled=states.pooled, vocab_size=vocab, ignore_index=ignore_index)
         counted = flat_target != ignore_index
         n_tok = int(counted.sum())
         if self.copilot is None:
             return CopilotOutput(cap.loss, cap.loss, None, n_tok)
+        if replaying:
+            from tcopilot.replay import replay_copilot_loss
+
+            copilot_loss = replay_copilot_loss(self, log.sample(hidden.device), log.ignore_index)
+            return CopilotOutput(cap.loss + copilot_loss, cap.loss, copilot_loss, n_tok)
 
         cop = self.copilot
         c = cop.config.hidden_size
@@ -224,10 +298,15 @@ class TransformerCopilot(nn.Module):
         )
         return CopilotOutput(cap.loss + copilot_loss, cap.loss, copilot_loss, n_tok)
 
-    def generate(self, input_ids, max_new_tokens: int = 32, lam: float = 1.0, fusion: str = "probs", **kwargs):
-        """Algorithm 2: see :func:`tcopilot.generate.generate` for every option."""
+    def generate(self, input_ids, max_new_tokens=None, lam: float = 1.0, fusion: str = "probs", **kwargs):
+        """Algorithm 2: see :func:`tcopilot.generate.generate` for every option (``GenerationConfig`` names;
+        ``generation_config=`` or, as in ``PreTrainedModel.generate``, a config as the second argument)."""
         from tcopilot.generate import generate
 
+        if hasattr(max_new_tokens, "to_diff_dict"):  # generate(ids, GenerationConfig(...))
+            if kwargs.get("generation_config") is not None:
+                raise ValueError("generation_config: given twice (positionally and by keyword)")
+            kwargs["generation_config"], max_new_tokens = max_new_tokens, None
         return generate(self, input_ids, max_new_tokens=max_new_tokens, lam=lam, fusion=fusion, **kwargs)
 
 
@@ -253,5 +332,6 @@ __all__ = [
     "positions_from_mask",
     "shift_labels",
     "run_base",
+    "pilot_backbone",
     "error_embedding",
 ]

@@ -12,6 +12,12 @@ exactly. The Copilot's RMSE is not additive over tokens; its micro-batch losses 
 Runs are resumable: ``run_dir/checkpoint-<step>/`` holds both models (safetensors), both optimisers,
 schedulers, RNG states and the step; the data order is a pure function of (seed, step), so a resumed
 run continues with exactly the batches it would have seen.
+
+Mistake Log: with ``keep_log=True`` (or a model that already holds a :class:`tcopilot.MistakeLog`, as
+``log_mode="replay"`` does) every forward pushes its compressed log; checkpoints hold it in
+``checkpoint-<step>/mistake_log/`` (so a resumed run continues with the same buffer and sampler state), the
+finished run writes ``run_dir/mistake_log/`` for ``tcopilot inspect``, and ``metrics.jsonl`` gains the
+step's mean error mass ``1 - p(y)`` and the top-k residual mass.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from tcopilot.data.prompts import collate
+from tcopilot.mistake_log import MistakeLog
 
 
 @dataclass
@@ -49,6 +56,12 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     padding_side: str = "right"
+    # Mistake Log (tcopilot.MistakeLog): kept when keep_log or when the model already holds one.
+    keep_log: bool = False
+    log_steps: int = 128  # R: steps kept in the replay buffer (entries = log_steps * grad_accum)
+    log_max_bytes: int = 1 << 30
+    log_topk: int = 32
+    log_pooled_dtype: str = "bfloat16"
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -111,6 +124,15 @@ class Trainer:
             self.sched_copilot = torch.optim.lr_scheduler.LambdaLR(self.opt_copilot, sched)
         self.step = 0
         self.step_times: list[float] = []
+        if getattr(model, "mistake_log", None) is None and config.keep_log:
+            model.mistake_log = MistakeLog(
+                capacity=config.log_steps * config.grad_accum, max_bytes=config.log_max_bytes,
+                topk=config.log_topk, pooled_dtype=config.log_pooled_dtype, seed=config.seed,
+            )
+
+    @property
+    def mistake_log(self) -> MistakeLog | None:
+        return getattr(self.model, "mistake_log", None)
 
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_dirs(self) -> list[tuple[int, str]]:
@@ -135,6 +157,8 @@ class Trainer:
             opt["sched_copilot"] = self.sched_copilot.state_dict()
         opt["rng"] = torch.get_rng_state()
         torch.save(opt, os.path.join(tmp, "optimizer.pt"))
+        if self.mistake_log is not None:
+            self.mistake_log.save(os.path.join(tmp, "mistake_log"))
         # state.json last: a checkpoint without it is incomplete and ignored on resume.
         with open(os.path.join(tmp, "state.json"), "w") as fh:
             json.dump({"step": self.step, "config": asdict(self.cfg)}, fh)
@@ -158,8 +182,19 @@ class Trainer:
             self.opt_copilot.load_state_dict(opt["copilot"])
             self.sched_copilot.load_state_dict(opt["sched_copilot"])
         torch.set_rng_state(opt["rng"])
+        log_dir = os.path.join(path, "mistake_log")
+        if self.mistake_log is not None and os.path.isdir(log_dir):
+            self.mistake_log.load_state_dict(MistakeLog.load(log_dir).state_dict())
         self.step = step
         return True
+
+    def save_log(self) -> str | None:
+        """Write the Mistake Log (if any) to ``run_dir/mistake_log/``; returns that directory."""
+        if self.mistake_log is None:
+            return None
+        out = os.path.join(self.run_dir, "mistake_log")
+        self.mistake_log.save(out)
+        return out
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:
@@ -175,6 +210,9 @@ class Trainer:
         n_items = int((batch["labels"][:, 1:] != -100).sum())
         micro = cfg.batch_size // cfg.grad_accum
         p_sum, c_sum = 0.0, 0.0
+        log = self.mistake_log
+        if log is not None:
+            log.next_step = self.step + 1
         for k in range(cfg.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
             out = model(
@@ -192,6 +230,9 @@ class Trainer:
         rec = {"step": self.step + 1, "pilot_loss": p_sum, "tokens": n_items}
         if model.copilot is not None:
             rec["copilot_loss"] = c_sum
+        stats = log.step_stats(self.step + 1) if log is not None else None
+        if stats is not None:
+            rec.update(error_mass=stats["err_mass"], topk_residual=stats["residual"], log_bytes=log.nbytes)
         return rec
 
     def train_step(self) -> dict:
@@ -247,6 +288,8 @@ class Trainer:
                 self.save_checkpoint()
             last = rec
         bar.close()
+        if self.step >= cfg.steps:
+            self.save_log()
         return last
 
 

@@ -1,0 +1,91 @@
+"""Smoke test of examples/reproduce.py on a tiny random Llama with a word tokenizer (no network, no data files)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import torch
+
+from tcopilot import Copilot, TransformerCopilot
+from tcopilot.data import WordTokenizer, encode_prompts
+from tcopilot.generate import generate
+from tcopilot.testing import tiny_pilot
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "reproduce.py")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("reproduce", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_data(folder) -> list[dict]:
+    train = [{"original_text": f"Tom had {a} apples and got {b} more . How many apples does he have ?",
+              "equation": f"X=({a}.0+{b}.0)", "ans": float(a + b)} for a in range(2, 6) for b in range(1, 4)]
+    test = [{"instruction": train[k]["original_text"], "input": "", "output": "", "answer": str(train[k]["ans"])}
+            for k in (0, 5)]
+    test += [{"instruction": "Sam had 9 pears and ate 4 . How many pears are left ?", "input": "", "output": "",
+              "answer": "5.0"}]
+    with open(os.path.join(folder, "mawps_trainset.json"), "w") as fh:
+        json.dump(train, fh)
+    with open(os.path.join(folder, "mawps_test.json"), "w") as fh:
+        json.dump(test, fh)
+    return train + [{"original_text": t["instruction"]} for t in test]
+
+
+def _tokenizer(items) -> WordTokenizer:
+    texts = [x["original_text"] for x in items]
+    texts += ["Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\n\n### Response:\n x = + - * / ( ) . The answer is"]
+    return WordTokenizer.build(texts)
+
+
+def test_decode_settings_matches_generate():
+    mod = _module()
+    items = [{"instruction": "Tom had 3 apples .", "input": ""},
+             {"instruction": "Tom had 3 apples and got 2 more . How many ?", "input": ""}]
+    tok = _tokenizer([{"original_text": x["instruction"]} for x in items])
+    pilot = tiny_pilot(vocab=tok.vocab_size)
+    copilot = Copilot.from_pilot_layers(pilot, layers=[1, 0])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        copilot.error_out.weight.normal_(0, 0.5)
+        copilot.error_out.bias.normal_(0, 0.1)
+    model = TransformerCopilot(pilot, copilot).eval()
+    ids, mask = encode_prompts(tok, items, style="alpaca", padding_side="left")
+    settings = [(0.0, "probs"), (0.5, "probs"), (1.0, "logits")]
+    got = mod.decode_settings(model, ids, mask, settings, 6, tok.eos_token_id, tok.pad_token_id)
+    for lam, fusion in settings:
+        ref = generate(model, ids, attention_mask=mask, max_new_tokens=6, lam=lam, fusion=fusion,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+        out = got[(lam, fusion)]
+        assert torch.equal(out, ref[:, : out.shape[1]]), (lam, fusion)
+
+
+def test_reproduce_main_tiny(tmp_path):
+    mod = _module()
+    items = _write_data(tmp_path)
+    tok = _tokenizer(items)
+
+    def factory():
+        return tiny_pilot(vocab=tok.vocab_size), tok
+
+    run_dir = tmp_path / "run"
+    result = mod.main(
+        ["--data-dir", str(tmp_path), "--run-dir", str(run_dir), "--steps", "3", "--batch-size", "4",
+         "--max-length", "64", "--train-layers", "1", "--copilot-layers", "1,0", "--lams", "0.5,1.0",
+         "--eval-batch-size", "2", "--max-new-tokens", "4", "--warmup", "1"],
+        pilot_factory=factory, tokenizer=tok,
+    )
+    assert result["n_train_dropped"] == 2
+    assert result["n_train_kept"] == 10
+    # The Copilot's loss never reaches the Pilot: both runs end with the same Pilot weights.
+    assert result["pilot_weight_max_abs_diff"] < 1e-5
+    rows = result["rows"]
+    assert len(rows) == 1 + 1 + 2 * 2
+    assert all(len(r["correct"]) == 3 for r in rows)
+    assert (run_dir / "results.json").exists()
