@@ -26,7 +26,7 @@ import torch
 
 from tcopilot.copilot import Copilot, param_count
 from tcopilot.data.arithmetic import generate_arithmetic
-from tcopilot.data.prompts import encode_example
+from tcopilot.data.prompts import encode_example, format_prompt
 from tcopilot.data.tokenizer import WordTokenizer
 from tcopilot.evaluate import evaluate_accuracy
 from tcopilot.pilot import TransformerCopilot
@@ -210,7 +210,8 @@ def run_experiment(cfg: ExperimentConfig | None = None, progress: bool = True) -
     else:
         # The vocabulary covers the test templates' words too: a word never seen in training keeps its
         # random embedding, which is the honest "new phrasing" condition, and no answer leaks.
-        texts = [x["instruction"] + " " + x["output"] for x in train_items + test_items]
+        # The prompt template's own words ("Q:", "A:") must be in the vocabulary too, not <unk>.
+        texts = [format_prompt(x, style=cfg.style) + " " + x["output"] for x in train_items + test_items]
         tok = WordTokenizer.build(texts)
         tok.save(tok_path)
     examples = [encode_example(tok, x, cfg.max_length, style=cfg.style) for x in train_items]
