@@ -11,6 +11,11 @@ import sys
 def _train(args) -> int:
     from tcopilot.experiment import ExperimentConfig, run_experiment
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
     cfg = ExperimentConfig(run_dir=args.run_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                            copilot_layers=args.copilot_layers, pilot_layers=args.pilot_layers,
                            pilot_hidden=args.pilot_hidden)
