@@ -31,7 +31,7 @@ def _pilot_logits(model, hidden_last: torch.Tensor) -> torch.Tensor:
 
 # GenerationConfig fields honoured by :func:`generate` (the rest of a config must be unset or neutral).
 GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",
-                     "eos_token_id", "pad_token_id")
+                     "length_penalty", "early_stopping", "eos_token_id", "pad_token_id")
 # Fields that change which tokens come out; a config setting one of them to a non-neutral value is refused
 # rather than silently ignored. Everything else (bos_token_id, use_cache, output_* flags, ...) is ignored.
 _UNSUPPORTED_NEUTRAL = {
@@ -51,9 +51,11 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
     """Merge ``GenerationConfig``-named options: keywords (when not None) > ``generation_config`` > defaults.
 
     Returns a dict with ``max_new_tokens``, ``do_sample`` (bool), ``temperature`` (0.0 when greedy),
-    ``top_k``, ``top_p``, ``eos_token_ids`` (a list, maybe empty) and ``pad_token_id``. Raises ValueError for
-    beam search, a non-positive temperature with sampling, and config fields that would change the output
-    but are not implemented here.
+    ``top_k``, ``top_p``, ``num_beams``, ``length_penalty`` (default 1.0), ``early_stopping`` (True, False or
+    ``"never"``; default False, as ``GenerationConfig``), ``eos_token_ids`` (a list, maybe empty) and
+    ``pad_token_id``. Raises ValueError for beam sampling (``num_beams > 1`` with ``do_sample``), a
+    non-positive temperature with sampling, and config fields that would change the output but are not
+    implemented here.
     """
     opts: dict = {}
     if generation_config is not None:
@@ -88,12 +90,19 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
         do_sample = temperature is not None and temperature > 0
     do_sample = bool(do_sample)
     num_beams = opts.get("num_beams", 1)
-    if num_beams != 1:
-        what = "beam sampling (num_beams > 1 with do_sample=True)" if do_sample else "beam search"
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams: expected an int >= 1, got {num_beams!r}")
+    if num_beams > 1 and do_sample:
         raise ValueError(
-            f"num_beams: {what} is not implemented yet, got num_beams={num_beams!r}; use num_beams=1 "
-            "(greedy, or sampling with do_sample=True)"
+            f"num_beams: beam sampling (num_beams > 1 with do_sample=True) is not implemented, got "
+            f"num_beams={num_beams!r}; use do_sample=False (beam search) or num_beams=1 (sampling)"
         )
+    length_penalty = check_finite("length_penalty", opts.get("length_penalty", 1.0))
+    early_stopping = opts.get("early_stopping", False)
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping: expected True, False or 'never', got {early_stopping!r}")
+    if early_stopping != "never":
+        early_stopping = bool(early_stopping)
     if do_sample:
         temperature = 1.0 if temperature is None else temperature
         check_finite("temperature", temperature)
@@ -110,8 +119,85 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0
     return dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=float(temperature),
-                top_k=int(opts.get("top_k", 0)), top_p=float(opts.get("top_p", 1.0)),
+                top_k=int(opts.get("top_k", 0)), top_p=float(opts.get("top_p", 1.0)), num_beams=num_beams,
+                length_penalty=float(length_penalty), early_stopping=early_stopping,
                 eos_token_ids=eos_ids, pad_token_id=int(pad))
+
+
+class _PairDecoder:
+    """Decoding state of the Pilot + Copilot pair (Algorithm 2), one row per sequence (or per beam).
+
+    Holds the Pilot's KV cache, the Copilot's caches, the attention mask, the current position and the
+    Copilot's last final hidden state ``g`` (whose ``error_in(error_out(g)) = g @ M + m`` is the Copilot's
+    next input). Must be used inside ``pilot_states(model.pilot)`` (``states``).
+    """
+
+    def __init__(self, model, states, use_copilot: bool):
+        self.model, self.states, self.use_copilot = model, states, use_copilot
+        self.base = pilot_backbone(model.pilot)
+        self.copilot = model.copilot if use_copilot else None
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self.mask = mask.clone()
+        pos = positions_from_mask(mask)
+        self.states.reset()
+        hidden, self.cache = run_base(self.base, input_ids, mask, pos.clamp(min=0), use_cache=True)
+        self.z = _pilot_logits(self.model, hidden[:, -1])
+        self.cur_pos = pos[:, -1].clamp(min=-1)
+        if self.use_copilot:
+            cop, states = self.copilot, self.states
+            self.ccache = cop.new_cache()
+            self.m_mat, self.m_vec = cop.feedback_matrices()
+            self.wdtype = cop.error_in.weight.dtype
+            stream = cop.error_in.bias.to(self.wdtype).expand(input_ids.shape[0], input_ids.shape[1], -1)
+            log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
+            self.g = cop(stream, log, pos, torch.cat([pos, pos], 1), cache=self.ccache)[:, -1]
+
+    def copilot_out(self) -> torch.Tensor | None:
+        """``f = error_out(g)`` [rows, V] fp32 for the next token, or None without the Copilot."""
+        return self.copilot.error_out(self.g).float() if self.use_copilot else None
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Feed one new token per row; updates ``z`` (and ``g``)."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.cur_pos = self.cur_pos + 1
+        new_pos = self.cur_pos[:, None]
+        states = self.states
+        states.reset()
+        hidden, self.cache = run_base(self.base, tokens[:, None], self.mask, new_pos.clamp(min=0),
+                                      cache=self.cache, use_cache=True)
+        self.z = _pilot_logits(self.model, hidden[:, -1])
+        if self.use_copilot:
+            fed = (self.g.float() @ self.m_mat + self.m_vec).to(self.wdtype)[:, None]  # error_in(f_prev)
+            log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
+            self.g = self.copilot(fed, log, new_pos, torch.cat([new_pos, new_pos], 1), cache=self.ccache)[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select rows (beam search): every cache, the mask, the positions and the fed-back ``g``."""
+        self.cache = reorder_pilot_cache(self.cache, index)
+        self.mask, self.cur_pos, self.z = self.mask[index], self.cur_pos[index], self.z[index]
+        if self.use_copilot:
+            self.ccache.reorder(index)
+            self.g = self.g[index]
+
+
+def reorder_pilot_cache(cache, index: torch.Tensor):
+    """Select batch rows of a Hugging Face KV cache; returns the (maybe new) cache.
+
+    ``Cache.reorder_cache`` (transformers 4.x and 5.x, in place) when present, else ``batch_select_indices``,
+    else a legacy tuple of ``(key, value)`` per layer is index-selected.
+    """
+    if cache is None:
+        return None
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(index)
+        return cache
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(index)
+        return cache
+    if isinstance(cache, (tuple, list)):
+        return type(cache)(tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in cache)
+    raise ValueError(f"pilot: cannot reorder its KV cache of type {type(cache).__name__} for beam search")
 
 
 @torch.no_grad()
@@ -128,6 +214,8 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     num_beams: int | None = None,
+    length_penalty: float | None = None,
+    early_stopping: bool | str | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generation_config=None,
@@ -160,20 +248,31 @@ def generate(
         do_sample: False = greedy (whatever ``temperature`` says); True = sample with ``temperature``
             (default 1.0, must be > 0), ``top_k`` (default 0 = off) and ``top_p`` (default 1.0 = off).
             None (not given anywhere) keeps the older convention: sample iff ``temperature > 0``.
-        num_beams: only 1; beam search (with or without sampling) raises a ValueError for now.
+        num_beams: 1 (greedy or sampling), or > 1 for beam search with greedy beams
+            (:func:`tcopilot.beam_search.beam_search`: scores are sums of ``log p~``, the Pilot's and the
+            Copilot's caches follow the beams; with ``lam=0`` the tokens equal
+            ``pilot.generate(num_beams=..., do_sample=False)``). Beam sampling (with ``do_sample=True``)
+            raises a ValueError. Beam search returns the best finished hypothesis per row, padded with
+            ``pad_token_id`` to the longest one.
+        length_penalty / early_stopping: beam search only, ``GenerationConfig`` semantics: a finished
+            hypothesis scores ``sum log p~ / new_tokens ** length_penalty`` (default 1.0);
+            ``early_stopping`` True (a row stops once it holds ``num_beams`` finished hypotheses), False
+            (default: stops when the best live beam, normalised at its current length, cannot beat the
+            worst kept hypothesis) or ``"never"``.
         eos_token_id / pad_token_id: an id or a list of ids; rows that emitted EOS are padded with
             ``pad_token_id`` afterwards (default: the first EOS id, else 0).
         generation_config: a ``transformers.GenerationConfig``; fields other than the ones above that
             would change the output (``repetition_penalty``, ``num_return_sequences``, ``min_new_tokens``,
             ...) raise a ValueError instead of being ignored.
         generator: ``torch.Generator`` for sampling (reproducible draws).
+        impl: passed to :func:`tcopilot.rectified_next_token` (``num_beams=1``); beam search scores in PyTorch.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")
     o = resolve_generation_options(
         input_ids.shape[1], generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
+        temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+        early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
     max_new_tokens, temperature, top_k, top_p = o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"]
     eos_ids, pad_token_id = o["eos_token_ids"], o["pad_token_id"]
@@ -184,34 +283,28 @@ def generate(
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
 
-    pilot, copilot = model.pilot, model.copilot
-    use_copilot = copilot is not None and lam != 0.0
-    base = pilot_backbone(pilot)
-    device = input_ids.device
-    bsz = input_ids.shape[0]
-    mask = attention_mask.clone()
-    pos = positions_from_mask(mask)
-    out_ids = input_ids
-    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    use_copilot = model.copilot is not None and lam != 0.0
     if max_new_tokens == 0:
-        return out_ids
+        return input_ids
+    if o["num_beams"] > 1:
+        from tcopilot.beam_search import beam_search
 
-    with pilot_states(pilot) as states:
-        hidden, cache = run_base(base, input_ids, mask, pos.clamp(min=0), use_cache=True)
-        z = _pilot_logits(model, hidden[:, -1])
-        if use_copilot:
-            ccache = copilot.new_cache()
-            m_mat, m_vec = copilot.feedback_matrices()
-            wdtype = copilot.error_in.weight.dtype
-            stream = copilot.error_in.bias.to(wdtype).expand(bsz, input_ids.shape[1], -1)
-            log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
-            g = copilot(stream, log, pos, torch.cat([pos, pos], 1), cache=ccache)[:, -1]
-        cur_pos = pos[:, -1].clamp(min=-1)
+        return beam_search(
+            model, input_ids, attention_mask, num_beams=o["num_beams"], max_new_tokens=max_new_tokens,
+            lam=lam if use_copilot else 0.0, fusion=fusion, eos_token_ids=eos_ids, pad_token_id=pad_token_id,
+            length_penalty=o["length_penalty"], early_stopping=o["early_stopping"],
+        )
+    device = input_ids.device
+    out_ids = input_ids
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    with pilot_states(model.pilot) as states:
+        dec = _PairDecoder(model, states, use_copilot)
+        dec.prefill(input_ids, attention_mask)
         for step in range(max_new_tokens):
-            f = copilot.error_out(g).float() if use_copilot else torch.zeros_like(z)
+            f = dec.copilot_out()
             nxt = rectified_next_token(
-                z, f, lam=lam if use_copilot else 0.0, fusion=fusion, temperature=temperature,
-                top_k=top_k, top_p=top_p, generator=generator, impl=impl,
+                dec.z, torch.zeros_like(dec.z) if f is None else f, lam=lam if use_copilot else 0.0, fusion=fusion,
+                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, impl=impl,
             )
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
@@ -219,17 +312,8 @@ def generate(
                 finished = finished | torch.isin(nxt, torch.tensor(eos_ids, device=device))
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            cur_pos = cur_pos + 1
-            new_pos = cur_pos[:, None]
-            states.reset()
-            hidden, cache = run_base(base, nxt[:, None], mask, new_pos.clamp(min=0), cache=cache, use_cache=True)
-            z = _pilot_logits(model, hidden[:, -1])
-            if use_copilot:
-                fed = (g.float() @ m_mat + m_vec).to(wdtype)[:, None]  # error_in(f_prev), no V-sized product
-                log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
-                g = copilot(fed, log, new_pos, torch.cat([new_pos, new_pos], 1), cache=ccache)[:, -1]
+            dec.advance(nxt)
     return out_ids
 
 
-__all__ = ["generate", "resolve_generation_options", "GENERATION_FIELDS"]
+__all__ = ["generate", "resolve_generation_options", "reorder_pilot_cache", "GENERATION_FIELDS"]

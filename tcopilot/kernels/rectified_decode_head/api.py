@@ -1,0 +1,87 @@
+"""Public ``rectified_decode_head``: validation and implementation dispatch."""
+
+from __future__ import annotations
+
+import torch
+
+from ..._validation import FLOAT_DTYPES, check_finite, check_tensor, resolve_impl
+from ..rectified_next_token.api import _validate as _validate_sampler
+
+
+def _triton_fn():
+    try:
+        from .triton_impl import rectified_decode_head_triton
+    except ImportError:
+        return None
+    return rectified_decode_head_triton
+
+
+def rectified_decode_head(
+    pilot_hidden: torch.Tensor,
+    lm_head: torch.Tensor,
+    copilot_hidden: torch.Tensor,
+    error_out_weight: torch.Tensor,
+    error_out_bias: torch.Tensor | None = None,
+    *,
+    lam: float | torch.Tensor = 1.0,
+    fusion: str = "probs",
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    softcap: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Next token [B] int64 from the final hidden states of the Pilot and the Copilot, without ``[B, V]`` logits.
+
+    Equals ``rectified_next_token(z, f, ...)`` (see it for fusion, greedy, sampling and tie rules) with
+    ``z = pilot_hidden @ lm_head^T`` (then ``softcap * tanh(z / softcap)`` when ``softcap`` is set, Gemma-2
+    style) and ``f = copilot_hidden @ error_out_weight^T + error_out_bias``, both computed in fp32 from the
+    inputs cast to fp32 (the oracle: ``rectified_decode_head_reference``).
+
+    Implementations:
+        ``"torch"``: the products tile by tile over V; greedy keeps a running argmax (``fusion="probs"``: a
+            first pass for the log-sum-exp of ``z``), so no ``[B, V]`` tensor; sampling materialises ``z``
+            and ``f`` and draws exactly as ``rectified_next_token(impl="torch")`` (same generator use).
+        ``"triton"``: greedy is one kernel (``tl.dot`` tiles, at most two passes over V, nothing of size V
+            written); sampling materialises ``z`` and ``f`` and calls ``rectified_next_token(impl="triton")``.
+        ``"auto"``: Triton on CUDA tensors, PyTorch otherwise.
+    Greedy results equal the reference's up to fp32 rounding ties (different summation orders).
+
+    Args:
+        pilot_hidden: [B, d]; lm_head: [V, d] (the Pilot's ``lm_head.weight``).
+        copilot_hidden: [B, c] (the Copilot's ``g``); error_out_weight: [V, c]; error_out_bias: [V] or None.
+        lam, fusion, temperature, top_k, top_p, generator: as ``rectified_next_token``.
+        softcap: None / 0 (off) or a finite number > 0.
+
+    Raises:
+        ValueError: naming the argument, for shapes, dtypes, devices and the sampler's options.
+    """
+    check_tensor("pilot_hidden", pilot_hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    device = pilot_hidden.device
+    bsz, d = pilot_hidden.shape
+    check_tensor("lm_head", lm_head, ndim=2, dtypes=FLOAT_DTYPES, device=device, shape=(None, d))
+    vocab = lm_head.shape[0]
+    check_tensor("copilot_hidden", copilot_hidden, ndim=2, dtypes=FLOAT_DTYPES, device=device, shape=(bsz, None))
+    c = copilot_hidden.shape[1]
+    check_tensor("error_out_weight", error_out_weight, ndim=2, dtypes=FLOAT_DTYPES, device=device,
+                 shape=(vocab, c))
+    if error_out_bias is not None:
+        check_tensor("error_out_bias", error_out_bias, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(vocab,))
+    if softcap is not None:
+        softcap = check_finite("softcap", softcap)
+        if softcap < 0:
+            raise ValueError(f"softcap: expected None, 0 (off) or a number > 0, got {softcap!r}")
+    # the sampler's checks, on a [B, V]-shaped stand-in that is never materialised
+    stand_in = torch.empty(1, device=device).expand(bsz, vocab)
+    lam, temperature, top_k, top_p = _validate_sampler(stand_in, stand_in, lam, fusion, temperature, top_k, top_p,
+                                                       generator)
+    wants_triton = impl == "triton" or (impl == "auto" and device.type == "cuda")
+    triton_fn = _triton_fn() if wants_triton else None
+    chosen = resolve_impl(impl, device, "rectified_decode_head", triton_available=triton_fn is not None)
+    if chosen == "torch":
+        from .torch_impl import rectified_decode_head_torch as fn
+    else:
+        fn = triton_fn
+    return fn(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, lam=lam, fusion=fusion,
+              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, softcap=softcap or None)

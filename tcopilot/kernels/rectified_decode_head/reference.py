@@ -1,0 +1,30 @@
+"""Naive oracle for ``rectified_decode_head``: materialise both products, then the rectified choice."""
+
+from __future__ import annotations
+
+import torch
+
+from ..rectified_next_token.reference import rectified_next_token_reference
+
+
+def decode_head_logits_reference(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias,
+                                 softcap=None):
+    """``(z, f)``, both [B, V] fp32: ``z = h @ W^T`` (soft-capped), ``f = g @ A^T + b``, from fp32 inputs."""
+    z = pilot_hidden.float() @ lm_head.float().t()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    f = copilot_hidden.float() @ error_out_weight.float().t()
+    if error_out_bias is not None:
+        f = f + error_out_bias.float()
+    return z, f
+
+
+def rectified_decode_head_reference(
+    pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias=None, *, lam=1.0, fusion="probs",
+    temperature=0.0, top_k=0, top_p=1.0, generator=None, softcap=None,
+) -> torch.Tensor:
+    """[B] int64: ``rectified_next_token_reference`` of the materialised ``z`` and ``f``."""
+    z, f = decode_head_logits_reference(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias,
+                                        softcap)
+    return rectified_next_token_reference(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, generator=generator)
