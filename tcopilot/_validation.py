@@ -63,6 +63,12 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index
 
 
 def check_finite(name: str, value: float) -> float:
+    if isinstance(value, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces Python numbers as symbols, and math.isfinite on a symbol cannot be
+        # traced: while compiling, only the type is checked (eager calls check the value).
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat, torch.SymInt)):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        return value
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     return float(value)

@@ -358,3 +358,24 @@ def test_api_never_reads_dot_data():
     for name in ("api.py", "torch_impl.py", "triton_impl.py"):
         src = (root / name).read_text()
         assert not re.search(r"[\w)\]]\.data\b", src), name
+
+
+def test_compile_dynamic_shapes_and_symbolic_options():
+    """``torch.compile(dynamic=True)`` traces float options as symbols: validation must not break the graph."""
+
+    def loss_of(h, w, y, v, softcap):
+        cap = logit_capture(h, w, y, values=v, softcap=softcap, impl="torch")
+        return cap.loss + cap.p_values.square().sum()
+
+    compiled = torch.compile(loss_of, backend="eager", dynamic=True, fullgraph=True)
+    for seed, n_keep, softcap in ((0, N, 30.0), (1, N - 4, 20.0)):
+        h, w, y, v, _ = _inputs(seed)
+        h, y = h[:n_keep].clone(), y[:n_keep]
+        grads = []
+        for fn in (compiled, loss_of):
+            hh, ww, vv = (t.clone().requires_grad_(True) for t in (h, w, v))
+            out = fn(hh, ww, y, vv, softcap)
+            out.backward()
+            grads.append((out.detach(), hh.grad, ww.grad, vv.grad))
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want)
