@@ -114,3 +114,38 @@ def test_reproduce_skip_pilot_only_with_beams(tmp_path):
     assert all(r["n"] == 2 and len(r["correct"]) == 2 for r in rows)
     # Each beam row's sign test is against the beam Pilot-alone row: that row against itself gains/loses nothing.
     assert rows[2]["gained"] == rows[2]["lost"] == 0
+
+
+def _report_module():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "reproduce_report.py")
+    spec = importlib.util.spec_from_file_location("reproduce_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reproduce_report_aggregates_seeds(tmp_path):
+    mod = _report_module()
+    base = "Pilot of the joint run, Copilot off"
+
+    def row(system, fusion, lam, beams, correct):
+        return {"test": "mawps", "n": 4, "system": system, "fusion": fusion, "lam": lam, "beams": beams,
+                "correct": correct, "accuracy": sum(correct) / 4}
+
+    runs = [
+        [row(base, "-", 0.0, 1, [1, 0, 0, 0]), row("Pilot + Copilot", "probs", 0.5, 1, [1, 1, 0, 0])],
+        [row(base, "-", 0.0, 1, [0, 0, 1, 1]), row("Pilot + Copilot", "probs", 0.5, 1, [0, 1, 1, 1])],
+    ]
+    dirs = []
+    for k, rows in enumerate(runs):
+        d = tmp_path / f"seed{k}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"rows": rows}))
+        dirs.append(str(d))
+    summary = mod.aggregate([json.loads((tmp_path / f"seed{k}" / "results.json").read_text()) for k in range(2)])
+    cop = summary[1]
+    assert cop["accs"] == [0.5, 0.75] and abs(cop["acc_mean"] - 0.625) < 1e-12
+    assert (cop["gained"], cop["lost"]) == (2, 0)  # one question gained in each seed, none lost
+    assert abs(cop["rel"] - (0.625 - 0.375) / 0.375) < 1e-12
+    text = mod.main(dirs)
+    assert "| MAWPS (4) | greedy | 37.5 ± 17.7 | 62.5 ± 17.7 (probs 0.5) | +66.7% |" in text
