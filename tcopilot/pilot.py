@@ -10,6 +10,7 @@ keeps is stored.
 from __future__ import annotations
 
 import inspect
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -140,6 +141,30 @@ def _check_lm_head(pilot: nn.Module) -> None:
         )
 
 
+def _check_gathered(model: TransformerCopilot) -> None:
+    """The fused ops read ``lm_head.weight`` and the Copilot's ``error_in`` / ``error_out`` weights without
+    calling those modules, so under FSDP2 only the root unit's pre-forward all-gather makes them whole: a
+    ``DTensor`` here means they got an FSDP unit of their own (checked only once ``torch.distributed.tensor``
+    is loaded, so that ``import tcopilot`` does not import it)."""
+    if torch.compiler.is_compiling():
+        return
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None:
+        return
+    named = [("the Pilot's LM head weight", model.pilot.get_output_embeddings().weight)]
+    if model.copilot is not None:
+        named += [("copilot.error_in.weight", model.copilot.error_in.weight),
+                  ("copilot.error_out.weight", model.copilot.error_out.weight)]
+    for name, t in named:
+        if isinstance(t, dtensor):
+            raise ValueError(
+                f"{name}: sharded (a DTensor) when TransformerCopilot.forward runs; the fused ops read it without "
+                "calling its module, so a fully_shard unit of its own (or of the whole Copilot) is never gathered. "
+                "Call fully_shard on each decoder layer (Pilot and Copilot) and then on the TransformerCopilot itself "
+                "(the root), not on lm_head or the Copilot as a whole (README, 'Distributed training')"
+            )
+
+
 def run_base(base: nn.Module, input_ids, attention_mask, position_ids, cache=None, use_cache=False):
     """Run the Pilot's base model (see :func:`pilot_backbone`); returns ``(last_hidden_state, cache)``."""
     kw = {_cache_kwarg(base): cache} if cache is not None else {}
@@ -222,13 +247,15 @@ class TransformerCopilot(nn.Module):
             vocab = pilot.get_output_embeddings().weight.shape[0]
             if copilot.config.vocab_size != vocab:
                 raise ValueError(
-                    f"copilot: expected vocab_size={vocab} (the Pilot's LM head), got {copilot.config.vocab_size}"
+                    f"copilot: expected vocab_size={vocab} (the Pilot's LM head), got {copilot.config.vocab_size}; "
+                    "the Copilot predicts errors over the Pilot's vocabulary, so build it for this Pilot with "
+                    "Copilot.from_pilot(pilot) (and use the Pilot's tokenizer)"
                 )
             d = pilot.config.hidden_size
             if copilot.config.pilot_hidden_size != d:
                 raise ValueError(
                     f"copilot: expected pilot_hidden_size={d} (the Pilot's width), "
-                    f"got {copilot.config.pilot_hidden_size}"
+                    f"got {copilot.config.pilot_hidden_size}; build it for this Pilot with Copilot.from_pilot(pilot)"
                 )
 
     @property
@@ -248,6 +275,7 @@ class TransformerCopilot(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         bsz, length = input_ids.shape
+        _check_gathered(self)
         pos = positions_from_mask(attention_mask)
         with pilot_states(self.pilot) as states:
             hidden, _ = run_base(pilot_backbone(self.pilot), input_ids, attention_mask, pos.clamp(min=0))

@@ -31,34 +31,30 @@ and ``lr_scheduler_kwargs={"min_lr_rate": r}`` the schedules are identical to ou
 HF's default weight decay skips biases and norms, ours decays every parameter (the default is 0 in both).
 The data order comes from the Trainer's sampler (ours from :func:`tcopilot.train.batch_indices`).
 
-**TRL** (``SFTTrainer``): its ``__init__`` expects a ``PreTrainedModel`` (it reads ``model.config``) and its
-padding-free/packing modes drop the attention mask our position handling needs, so do not mix the classes.
-Let TRL prepare the data, then train the pair with ``CopilotTrainer``::
+**TRL** (``SFTTrainer``): its ``__init__`` expects a ``PreTrainedModel`` (it reads ``model.config`` and patches
+``model.forward`` with its own fused LM head) and its loss is its own, so do not mix the classes. Let TRL prepare
+the data (tokenised ``input_ids`` and ``labels`` with -100 outside completions / assistant turns) and the collator,
+then train the pair with ``CopilotTrainer``: ``examples/trl_sft.py`` (``copilot_sft_trainer``) does this, refusing
+``packing`` / ``padding_free`` (the pair derives positions from the padded batch's attention mask). With
+``peft_config`` pass ``sft.model``, the wrapped Pilot, to ``TransformerCopilot``.
 
-    from trl import SFTConfig, SFTTrainer
-    sft_args = SFTConfig(output_dir="out", packing=False, padding_free=False, completion_only_loss=True,
-                         remove_unused_columns=False, learning_rate=2e-4, gradient_accumulation_steps=4)
-    sft = SFTTrainer(model=pilot, args=sft_args, train_dataset=raw_dataset, processing_class=tokenizer)
-    trainer = CopilotTrainer(
-        model=TransformerCopilot(pilot, copilot), args=sft.args,
-        train_dataset=sft.train_dataset,   # tokenized by TRL: input_ids (+ completion_mask)
-        data_collator=sft.data_collator,   # pads, builds attention_mask and labels (-100 outside completions)
-        processing_class=tokenizer, copilot_learning_rate=1e-4,
-    )
-    trainer.train()
-
-(``remove_unused_columns=False`` keeps ``completion_mask`` for TRL's collator; with a ``peft_config`` pass
-``sft.model``, the wrapped Pilot, to ``TransformerCopilot``.)
+**Activation checkpointing** (``args.activation_checkpointing``, on by default in TRL's ``SFTConfig``): enabled on
+the Pilot's decoder layers by ``train``; losses and gradients are unchanged.
 
 **Distributed**: ``accelerate launch`` / ``torchrun`` with DDP works as for any model (tested with 2 CPU
-processes on gloo: losses, gradient norms and weights equal one process). FSDP requirement: the fused ops
-read whole weight matrices (``logit_capture`` takes ``lm_head.weight`` ``[V, d]``, the Copilot's capture
-values and error loss take ``error_in`` / ``error_out``), so these must be *gathered* (unsharded) when
-``TransformerCopilot.forward`` runs. With FSDP2 (``fully_shard``) shard each decoder layer as its own unit
-and the ``TransformerCopilot`` as the root: parameters left to the root (the heads, the embeddings) are
-gathered for the whole root forward and backward. Do not give the heads units of their own: their forward
-is never called (the weight is read directly), so they would stay sharded. FSDP2 is not tested here yet,
-and resuming an FSDP run through ``CopilotTrainer`` is not implemented (``load_checkpoint`` + a new run).
+processes on gloo: losses, gradient norms and weights equal one process). FSDP2 requirement: the fused ops
+read whole weight matrices without calling their modules (``logit_capture`` takes ``lm_head.weight`` ``[V, d]``,
+the Copilot's capture values and error loss take ``error_in`` / ``error_out``), so these must be left to the
+*root* unit: ``fully_shard`` each decoder layer (Pilot and Copilot) and then the ``TransformerCopilot``. The root's
+pre-forward hook all-gathers the parameters left to it, so ``forward`` sees plain full tensors (tested with 2 CPU
+processes on gloo in ``tests/integrations/test_fsdp2.py``: loss, gathered gradients and updated weights equal one
+process, and a ``full_state_dict`` checkpoint loads into an unsharded model). A unit of their own for ``lm_head``
+or the whole Copilot would leave them sharded (``forward`` raises a ``ValueError`` saying so). Through
+``TrainingArguments(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [<Pilot layer class>,
+"CopilotLayer"], "state_dict_type": "FULL_STATE_DICT"})`` accelerate builds the same plan (it carves out
+``lm_head`` only for a model with ``get_output_embeddings``, which ``TransformerCopilot`` has not); that path is
+not tested here, since accelerate enables FSDP only on accelerators (on CPU it silently runs DDP). Resuming an
+FSDP run through ``CopilotTrainer`` is not implemented (``load_checkpoint`` + a new run).
 """
 
 from __future__ import annotations
@@ -234,6 +230,25 @@ class CopilotTrainer(Trainer):
         self._tc_copilot_lr: float | None = None
         self._tc_copilot_groups: list[int] = []
 
+    # ------------------------------------------------------------------ activation checkpointing
+    def train(self, *args, **kwargs):
+        """``transformers.Trainer.train``; with ``args.activation_checkpointing`` (``gradient_checkpointing`` in older
+        versions; TRL's ``SFTConfig`` turns it on by default) checkpointing is enabled on the Pilot's decoder layers,
+        since the stock Trainer would call ``activation_checkpointing_enable`` on the pair, which has none. The
+        Copilot keeps its activations (it is small). Losses and gradients are unchanged."""
+        a = self.args
+        names = [n for n in _CHECKPOINTING_FLAGS if getattr(a, n, False)]
+        if not names:
+            return super().train(*args, **kwargs)
+        _enable_pilot_checkpointing(_core(self.model).pilot, a)
+        try:
+            for n in names:
+                setattr(a, n, False)
+            return super().train(*args, **kwargs)
+        finally:
+            for n in names:
+                setattr(a, n, True)
+
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -372,6 +387,25 @@ class CopilotTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+_CHECKPOINTING_FLAGS = ("activation_checkpointing", "gradient_checkpointing")  # transformers >= 5.2x, older
+
+
+def _enable_pilot_checkpointing(pilot: nn.Module, args) -> None:
+    kw = dict(getattr(args, "activation_checkpointing_kwargs", None)
+              or getattr(args, "gradient_checkpointing_kwargs", None) or {})
+    enable = getattr(pilot, "activation_checkpointing_enable", None)
+    if enable is not None:
+        every, offload = kw.pop("every_n_layers", 1), kw.pop("offload", False)
+        enable(activation_checkpointing_kwargs=kw or None, every_n_layers=every, offload=offload)
+    elif callable(getattr(pilot, "gradient_checkpointing_enable", None)):
+        pilot.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw or None)
+    else:
+        raise ValueError(
+            f"activation_checkpointing: the Pilot ({type(pilot).__name__}) has no activation_checkpointing_enable; "
+            "set activation_checkpointing=False (gradient_checkpointing=False in older transformers)"
+        )
 
 
 def _pick(value, args, name, default):
