@@ -182,9 +182,9 @@ def run_base(base: nn.Module, input_ids, attention_mask, position_ids, cache=Non
             f"{type(out).__name__}); pass a Hugging Face causal LM whose base_model is the decoder stack "
             "(e.g. LlamaForCausalLM) or a peft LoRA model of one"
         )
-    new_cache = getattr(out, "cache", None)
-    if new_cache is None:
-        new_cache = getattr(out, "past_key_values", None)
+    # Read the field this transformers version has: touching the other (deprecated) name logs a warning per call.
+    fields = getattr(out, "__dataclass_fields__", {})
+    new_cache = getattr(out, "cache" if "cache" in fields else "past_key_values", None)
     return hidden, new_cache
 
 
