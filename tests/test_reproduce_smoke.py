@@ -149,3 +149,15 @@ def test_reproduce_report_aggregates_seeds(tmp_path):
     assert abs(cop["rel"] - (0.625 - 0.375) / 0.375) < 1e-12
     text = mod.main(dirs)
     assert "| MAWPS (4) | greedy | 37.5 ± 17.7 | 62.5 ± 17.7 (probs 0.5) | +66.7% |" in text
+
+
+def test_score_uses_the_answer_format_choices():
+    mod = _module()
+    boolq = {"instruction": "Please answer the following question with true or false, question: is it?\n\n"
+                            "Answer format: true/false", "answer": "true"}
+    obqa = {"instruction": "Please choose the correct answer to the question: x\n\nAnswer1: a Answer2: b\n\n"
+                           "Answer format: answer1/answer2", "answer": "answer2"}
+    math = {"instruction": "Tom had 3 apples and got 2 more.", "answer": "5.0"}
+    assert mod.score("the correct answer is true", boolq) and not mod.score("the correct answer is false", boolq)
+    assert mod.score("the correct answer is answer2", obqa) and not mod.score("answer1", obqa)
+    assert mod.score("3 + 2 = 5. The answer is 5.", math) and not mod.score("The answer is 6.", math)
