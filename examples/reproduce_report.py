@@ -3,9 +3,10 @@
     python examples/reproduce_report.py RUN_DIR_SEED0 RUN_DIR_SEED1 RUN_DIR_SEED2 > table.md
 
 Each RUN_DIR holds the ``results.json`` of one run. Rows are matched across runs by (test set, system, fusion,
-lambda, beams). Per row: accuracy as mean and sample standard deviation over the seeds; the Copilot's effect as
-the paired sign test over every (seed, question) pair, against the Pilot alone decoded the same way (greedy or
-the same number of beams) in the same run; and the relative improvement of the mean accuracy.
+lambda, beams). Per row: accuracy as mean and sample standard deviation over the seeds; how many answers differ
+from the Pilot alone's; the Copilot's effect as the paired sign test over every (seed, question) pair; and the
+relative improvement of the mean accuracy. "Pilot alone" is always the same run's Pilot decoded the same way
+(greedy or the same number of beams).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     keys = [_key(r) for r in results[0]["rows"]]
     out = []
     for key in keys:
-        accs, base_accs, base_bits, bits = [], [], [], []
+        accs, base_accs, base_bits, bits, changed = [], [], [], [], 0
         for res in results:
             match = [r for r in res["rows"] if _key(r) == key]
             if not match:
@@ -53,6 +54,8 @@ def aggregate(results: list[dict]) -> list[dict]:
             base_accs.append(base["accuracy"])
             bits += row["correct"]
             base_bits += base["correct"]
+            if "predictions" in row and "predictions" in base:
+                changed += sum(a != b for a, b in zip(row["predictions"], base["predictions"]))
         gained, lost, p = sign_test(base_bits, bits)
         mean, base_mean = statistics.mean(accs), statistics.mean(base_accs)
         out.append({
@@ -60,7 +63,7 @@ def aggregate(results: list[dict]) -> list[dict]:
             "n": results[0]["rows"][keys.index(key)]["n"], "seeds": len(results),
             "acc_mean": mean, "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "accs": accs,
             "rel": (mean - base_mean) / base_mean if base_mean > 0 else float("nan"),
-            "gained": gained, "lost": lost, "sign_p": p,
+            "gained": gained, "lost": lost, "sign_p": p, "changed": changed,
         })
     return out
 
@@ -91,18 +94,19 @@ def markdown(summary: list[dict]) -> str:
                 f"{_pct(best['acc_mean'])} ± {_pct(best['acc_std'])} ({best['fusion']} {best['lam']:g}) | "
                 f"{100 * best['rel']:+.1f}% |")
     lines += ["", "| test | decoding | system | fusion | lambda | accuracy % (mean ± sd over seeds) | per seed | "
-              "rel. vs Pilot alone | gained / lost (all seeds) | sign-test p |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "rel. vs Pilot alone | answers changed (all seeds) | gained / lost (all seeds) | sign-test p |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         per_seed = " / ".join(_pct(a) for a in s["accs"])
         is_base = s["system"] in BASE_SYSTEMS and s["lam"] == 0.0
         rel = "-" if is_base else f"{100 * s['rel']:+.1f}%"
         counts = "-" if is_base else f"+{s['gained']} / -{s['lost']}"
         p_value = "-" if is_base else f"{s['sign_p']:.3f}"
+        n_changed = "-" if is_base else f"{s['changed']} / {s['n'] * s['seeds']}"
         lines.append(
             f"| {TEST_NAMES.get(s['test'], s['test'])} | {_decoding(s['beams'])} | {s['system']} | {s['fusion']} | "
-            f"{s['lam']:g} | {_pct(s['acc_mean'])} ± {_pct(s['acc_std'])} | {per_seed} | {rel} | {counts} | "
-            f"{p_value} |")
+            f"{s['lam']:g} | {_pct(s['acc_mean'])} ± {_pct(s['acc_std'])} | {per_seed} | {rel} | {n_changed} | "
+            f"{counts} | {p_value} |")
     return "\n".join(lines)
 
 
