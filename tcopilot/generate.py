@@ -2,9 +2,27 @@
 
 Per step: the Pilot decodes one token with its cache, hooks give the new position's ``X~`` and pooled
 state, the Copilot decodes one position with its own caches (self-attention over its stream, attention
-over the growing log), ``f = error_out(g)`` rectifies the Pilot's distribution and
-:func:`tcopilot.rectified_next_token` picks the token. The Copilot's next input is its own output fed
-back: ``error_in(f) = g @ M + m`` with the c x c matrix ``M`` computed once per call.
+over the growing log), ``f = error_out(g)`` rectifies the Pilot's distribution and the next token is
+picked. The Copilot's next input is its own output fed back: ``error_in(f) = g @ M + m`` with the c x c
+matrix ``M`` computed once per call.
+
+Picking the token (``num_beams=1``) takes one of two paths:
+
+* the fused decode head, :func:`tcopilot.rectified_decode_head` on the Pilot's last hidden state ``h``,
+  ``lm_head.weight``, the Copilot's ``g`` and ``error_out``'s weight and bias (greedy decoding then never
+  holds a ``[B, V]`` tensor; sampling materialises ``z`` and ``f`` inside it and draws as below). Taken when
+  the Copilot is used (``lam != 0``), the LM head is a plain ``nn.Linear`` without bias or hooks whose
+  weight sits on ``h``'s device (so ``_pilot_logits(h)`` is ``h @ W^T``, soft-capped when the Pilot's config
+  sets ``final_logit_softcapping``, which the head does too), ``error_out`` is a plain ``nn.Linear``, and
+  ``impl`` is ``"torch"`` / ``"triton"``, or ``"auto"`` with CUDA tensors;
+* otherwise the materialised path: ``z = _pilot_logits(h)`` and ``f = error_out(g)`` as ``[B, V]`` tensors,
+  then :func:`tcopilot.rectified_next_token`. This is what ``impl="auto"`` runs on the CPU (the simplest
+  path there), what a Pilot alone or ``lam=0`` runs, and the fallback for any other LM head (a PEFT
+  adapter or ``modules_to_save`` wrapper on it, a bias, a quantised or hooked module).
+
+Both compute the same tokens up to floating-point rounding (the head forms both products in fp32 from
+fp32-cast inputs, the materialised path in the weights' dtype). Beam search always materialises: it needs
+the full log-probabilities (:mod:`tcopilot.beam_search`).
 
 Prompt positions are treated as uncounted (their errors are not known to the model at inference), so
 the Copilot reads "no error" (the bias of ``error_in``) there, exactly as in training where the loss
@@ -14,19 +32,51 @@ covers response tokens only.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from tcopilot._validation import check_choice, check_finite
+from tcopilot._validation import FLOAT_DTYPES, IMPLS, check_choice, check_finite
+from tcopilot.kernels.rectified_decode_head import rectified_decode_head
 from tcopilot.kernels.rectified_next_token import rectified_next_token
 from tcopilot.pilot import pilot_backbone, pilot_states, positions_from_mask, run_base
 
 
 def _pilot_logits(model, hidden_last: torch.Tensor) -> torch.Tensor:
+    """The Pilot's next-token logits ``[rows, V]`` fp32: its LM head, then Gemma-2 soft-capping if configured."""
     w = model.pilot.get_output_embeddings()
     z = w(hidden_last).float()
     cap = model.softcap
     if cap:
         z = cap * torch.tanh(z / cap)
     return z
+
+
+def _plain_linear(module, device: torch.device) -> bool:
+    """True when ``module(x)`` is exactly ``x @ weight^T (+ bias)`` with a readable weight on ``device``.
+
+    Exactly ``nn.Linear`` (not a subclass: PEFT adapter layers and ``modules_to_save`` wrappers, quantised
+    linears), no forward (pre-)hooks and no accelerate hook (offloading, device maps), a floating-point
+    weight that is an ordinary tensor (not an FSDP ``DTensor`` shard) on ``device``.
+    """
+    if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if getattr(module, "_hf_hook", None) is not None:
+        return False
+    w = module.weight
+    return type(w) in (torch.Tensor, nn.Parameter) and w.dtype in FLOAT_DTYPES and w.device == device
+
+
+def _decode_head_weights(model, dec, impl: str):
+    """``(lm_head_weight, error_out_weight, error_out_bias)`` when the fused decode head should pick the
+    tokens of this call (see the module docstring for the rule), else None (materialised path)."""
+    if not dec.use_copilot:
+        return None
+    device = dec.h.device
+    if impl == "auto" and device.type != "cuda":
+        return None
+    head, out = model.pilot.get_output_embeddings(), dec.copilot.error_out
+    if not _plain_linear(head, device) or head.bias is not None or not _plain_linear(out, device):
+        return None
+    return head.weight, out.weight, out.bias
 
 
 # GenerationConfig fields honoured by :func:`generate` (the rest of a config must be unset or neutral).
@@ -127,22 +177,32 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
 class _PairDecoder:
     """Decoding state of the Pilot + Copilot pair (Algorithm 2), one row per sequence (or per beam).
 
-    Holds the Pilot's KV cache, the Copilot's caches, the attention mask, the current position and the
-    Copilot's last final hidden state ``g`` (whose ``error_in(error_out(g)) = g @ M + m`` is the Copilot's
-    next input). Must be used inside ``pilot_states(model.pilot)`` (``states``).
+    Holds the Pilot's KV cache, the Copilot's caches, the attention mask, the current position, the Pilot's
+    last final hidden state ``h`` (its logits ``z = _pilot_logits(h)`` are computed on first access of
+    ``z`` only, so the fused decode head never materialises them) and the Copilot's last final hidden state
+    ``g`` (whose ``error_in(error_out(g)) = g @ M + m`` is the Copilot's next input). Must be used inside
+    ``pilot_states(model.pilot)`` (``states``).
     """
 
     def __init__(self, model, states, use_copilot: bool):
         self.model, self.states, self.use_copilot = model, states, use_copilot
         self.base = pilot_backbone(model.pilot)
         self.copilot = model.copilot if use_copilot else None
+        self.h, self._z = None, None
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The Pilot's next-token logits ``[rows, V]`` fp32 (``_pilot_logits`` of ``h``), computed once per step."""
+        if self._z is None:
+            self._z = _pilot_logits(self.model, self.h)
+        return self._z
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.mask = mask.clone()
         pos = positions_from_mask(mask)
         self.states.reset()
         hidden, self.cache = run_base(self.base, input_ids, mask, pos.clamp(min=0), use_cache=True)
-        self.z = _pilot_logits(self.model, hidden[:, -1])
+        self.h, self._z = hidden[:, -1], None
         self.cur_pos = pos[:, -1].clamp(min=-1)
         if self.use_copilot:
             cop, states = self.copilot, self.states
@@ -158,7 +218,7 @@ class _PairDecoder:
         return self.copilot.error_out(self.g).float() if self.use_copilot else None
 
     def advance(self, tokens: torch.Tensor) -> None:
-        """Feed one new token per row; updates ``z`` (and ``g``)."""
+        """Feed one new token per row; updates ``h`` (hence ``z``) and ``g``."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.cur_pos = self.cur_pos + 1
         new_pos = self.cur_pos[:, None]
@@ -166,7 +226,7 @@ class _PairDecoder:
         states.reset()
         hidden, self.cache = run_base(self.base, tokens[:, None], self.mask, new_pos.clamp(min=0),
                                       cache=self.cache, use_cache=True)
-        self.z = _pilot_logits(self.model, hidden[:, -1])
+        self.h, self._z = hidden[:, -1], None
         if self.use_copilot:
             fed = (self.g.float() @ self.m_mat + self.m_vec).to(self.wdtype)[:, None]  # error_in(f_prev)
             log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
@@ -175,7 +235,9 @@ class _PairDecoder:
     def reorder(self, index: torch.Tensor) -> None:
         """Select rows (beam search): every cache, the mask, the positions and the fed-back ``g``."""
         self.cache = reorder_pilot_cache(self.cache, index)
-        self.mask, self.cur_pos, self.z = self.mask[index], self.cur_pos[index], self.z[index]
+        self.mask, self.cur_pos, self.h = self.mask[index], self.cur_pos[index], self.h[index]
+        if self._z is not None:
+            self._z = self._z[index]
         if self.use_copilot:
             self.ccache.reorder(index)
             self.g = self.g[index]
@@ -265,7 +327,12 @@ def generate(
             would change the output (``repetition_penalty``, ``num_return_sequences``, ``min_new_tokens``,
             ...) raise a ValueError instead of being ignored.
         generator: ``torch.Generator`` for sampling (reproducible draws).
-        impl: passed to :func:`tcopilot.rectified_next_token` (``num_beams=1``); beam search scores in PyTorch.
+        impl: how the next token is picked (``num_beams=1``; beam search scores in PyTorch whatever ``impl``).
+            ``"auto"``: the fused :func:`tcopilot.rectified_decode_head` (Triton) on CUDA tensors, the
+            materialised ``z``, ``f`` and :func:`tcopilot.rectified_next_token` on the CPU. ``"torch"`` /
+            ``"triton"``: the fused head with that implementation. Either way a Pilot alone, ``lam=0`` or an
+            LM head that is not a plain bias-free ``nn.Linear`` (e.g. one wrapped by PEFT) takes the
+            materialised path, with ``rectified_next_token(impl=impl)``; see the module docstring.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")
@@ -278,6 +345,7 @@ def generate(
     eos_ids, pad_token_id = o["eos_token_ids"], o["pad_token_id"]
     check_finite("lam", lam)
     check_choice("fusion", fusion, ("probs", "logits"))
+    check_choice("impl", impl, IMPLS)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
@@ -300,12 +368,21 @@ def generate(
     with pilot_states(model.pilot) as states:
         dec = _PairDecoder(model, states, use_copilot)
         dec.prefill(input_ids, attention_mask)
+        head = _decode_head_weights(model, dec, impl)
+        softcap = model.softcap or None
         for step in range(max_new_tokens):
-            f = dec.copilot_out()
-            nxt = rectified_next_token(
-                dec.z, torch.zeros_like(dec.z) if f is None else f, lam=lam if use_copilot else 0.0, fusion=fusion,
-                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, impl=impl,
-            )
+            if head is not None:  # fused: no [B, V] logits for greedy decoding
+                nxt = rectified_decode_head(
+                    dec.h, head[0], dec.g, head[1], head[2], lam=lam, fusion=fusion, temperature=temperature,
+                    top_k=top_k, top_p=top_p, generator=generator, softcap=softcap, impl=impl,
+                )
+            else:
+                f = dec.copilot_out()
+                nxt = rectified_next_token(
+                    dec.z, torch.zeros_like(dec.z) if f is None else f, lam=lam if use_copilot else 0.0,
+                    fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                    impl=impl,
+                )
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
             if eos_ids:

@@ -93,3 +93,33 @@ def test_bad_inputs_raise():
         rectified_decode_head(h, w, gc, a, b, softcap=-1.0)
     with pytest.raises(ValueError, match="fusion"):
         rectified_decode_head(h, w, gc, a, b, fusion="sum")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("fusion", ["probs", "logits"])
+def test_greedy_odd_sizes_strided_inputs_scalar_lam(impl, fusion):
+    # what generate() passes: h = hidden[:, -1] and g = copilot(...)[:, -1] are strided views; also one row;
+    # sizes that fill no tile exactly; a 0-d lambda tensor; the Gemma-2 soft-cap
+    gen = torch.Generator().manual_seed(5)
+    h3, w, g3, a, b = (torch.randn(2, 3, 63, generator=gen), torch.randn(1000, 63, generator=gen) * 0.3,
+                       torch.randn(2, 3, 17, generator=gen), torch.randn(1000, 17, generator=gen) * 0.05,
+                       torch.randn(1000, generator=gen) * 0.01)
+    h, g = h3[:, -1], g3[:, -1]
+    assert not h.is_contiguous() and not g.is_contiguous()
+    for lam, softcap in ((torch.tensor(0.7), None), (1.0, 2.5)):
+        kw = dict(lam=lam, fusion=fusion, softcap=softcap)
+        ref = rectified_decode_head_reference(h, w, g, a, b, **kw)
+        assert torch.equal(rectified_decode_head(h, w, g, a, b, impl=impl, **kw), ref)
+        assert torch.equal(rectified_decode_head(h[1:], w, g[1:], a, b, impl=impl, **kw), ref[1:])
+
+
+def test_fp16_and_mixed_dtype_inputs_triton_greedy_match_reference():
+    h, w, gc, a, b = _inputs(B=7, V=257)
+    for fusion in ("probs", "logits"):
+        half = [t.half() for t in (h, w, gc, a, b)]
+        assert torch.equal(rectified_decode_head(*half, fusion=fusion, impl="triton"),
+                           rectified_decode_head_reference(*half, fusion=fusion))
+        # fp32 hidden states with bf16 weights (an upcast Pilot output against a bf16 head)
+        mixed = (h, w.bfloat16(), gc, a.bfloat16(), b)
+        assert torch.equal(rectified_decode_head(*mixed, fusion=fusion, impl="triton"),
+                           rectified_decode_head_reference(*mixed, fusion=fusion))

@@ -47,6 +47,8 @@ def rectified_decode_head(
             written); sampling materialises ``z`` and ``f`` and calls ``rectified_next_token(impl="triton")``.
         ``"auto"``: Triton on CUDA tensors, PyTorch otherwise.
     Greedy results equal the reference's up to fp32 rounding ties (different summation orders).
+    :func:`tcopilot.generate` picks its tokens with this op (``num_beams=1``, Copilot in use, plain LM head;
+    see its ``impl`` argument).
 
     Args:
         pilot_hidden: [B, d]; lm_head: [V, d] (the Pilot's ``lm_head.weight``).
