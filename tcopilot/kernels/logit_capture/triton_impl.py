@@ -7,14 +7,14 @@ Forward, per chunk of ``T`` token rows (the whole vocabulary per chunk, so each 
 
 1. ``logits[T, V] = hidden[chunk] @ weight.T``: one cuBLAS GEMM (fp32 accumulation inside the GEMM, output in
    the input dtype, as every eager LM head does) into a preallocated chunk buffer.
-2. ``torch.topk`` of the chunk's logits when ``topk > 0`` (before they are overwritten; softcap applied on a
-   fp32 copy; exact "lowest id first" tie rule). Issue 6 moves it into the kernel.
-3. ``_logit_capture_fwd_kernel``: per row, one sweep over the vocabulary in ``BLOCK_V`` tiles with an online
+2. ``_logit_capture_fwd_kernel``: per row, one sweep over the vocabulary in ``BLOCK_V`` tiles with an online
    max (softcap applied in-kernel) gives ``lse``, ``p[y]``, ``sum p^2`` (the running sum is rescaled by
    ``exp(2 (m_old - m_new))``), ``sum z`` (label smoothing) and the per-row loss (label smoothing, z-loss);
-   with ``values`` a second sweep overwrites the logits IN PLACE with ``p`` (or writes ``p`` into a buffer of
-   ``values``' dtype when that differs from the logits' dtype). All statistics in fp32 (fp64 for fp64 inputs).
-4. ``p_values[chunk] = p @ values``: one GEMM with a fp32 result.
+   with ``topk = K > 0`` the same sweep merges each tile of (capped) logits into a running per-row top-K
+   held in registers (see "Top-k" below); with ``values`` a second sweep overwrites the logits IN PLACE with
+   ``p`` (or writes ``p`` into a buffer of ``values``' dtype when that differs from the logits' dtype). All
+   statistics in fp32 (fp64 for fp64 inputs).
+3. ``p_values[chunk] = p @ values``: one GEMM with a fp32 result.
 
 No ``[N x V]`` tensor exists; the forward saves only ``lse`` and ``[N]`` vectors for the backward.
 
@@ -57,8 +57,32 @@ The forward GEMM of ``T`` rows re-reads ``weight`` once per chunk and is compute
 ``T >~ 300``, so a larger budget trades memory for speed (:class:`CaptureTuning`); to be measured on a GPU.
 Extra memory besides the buffers: the outputs and ``[N]`` vectors, the fp32 ``[N, d]`` ``d hidden``
 accumulator (fp16/bf16 inputs, several vocabulary chunks: 128 MiB at N=8192, d=4096), and fp32 ``[Vc, d]`` /
-``[Vc, k]`` accumulators only with several token blocks. The torch.topk path adds its temporaries (counted
-in the forward budget).
+``[Vc, k]`` accumulators only with several token blocks. The in-kernel top-k needs no memory beyond its
+``[N, K]`` outputs; only the ``torch.topk`` fallback (``K > TOPK_MAX_IN_KERNEL``) adds temporaries, counted in
+the forward budget.
+
+Top-k (``topk = K``, ``1 <= K <= TOPK_MAX_IN_KERNEL = 128``): the result equals ``torch_impl._topk_lowest_id``
+of the capped logits: the K largest in descending order, equal values by ascending vocabulary id, ids int64,
+logits in the accumulation dtype. Every row gets one, ignored rows included (as in the torch path). Each
+program keeps, per row, an unsorted candidate set ``S`` of K (value, id) pairs in registers (``[BLOCK_M,
+K_PAD]``, initialised with ``-inf`` sentinels whose ids ``V + slot`` lose every tie) and its worst member
+under the total order "value descending, id ascending". For each tile it counts the tile's entries that beat
+the worst; only that many times (at most K) it extracts the tile's best remaining entry (a max and a min-id
+reduction) and, if it still beats the worst, overwrites the worst slot and recomputes the worst (two
+reductions over ``K_PAD``). Entries leave a tile in descending order, so a row stops at its first entry that
+does not enter. After the sweep K extractions from ``S`` write the result in order. WHY this method: it is
+exact (pure compares, no key packing, so fp64 and the id tie rule come for free), it needs only reductions
+and ``where`` (correct under the interpreter, no sorting network, no ``tl.gather``), and the threshold test
+makes it cheap where it matters: the first tile costs ``min(K, BLOCK_V)`` extraction steps of
+``O(BLOCK_V + K_PAD)``, later tiles only as many steps as entries that improve the top-K (about ``K / j``
+for the j-th tile of a randomly ordered row, ``K ln(V / BLOCK_V)`` over the row), i.e. a few reductions
+per tile for K ~ 8 and nothing at all for a tile that cannot contribute. The worst case (logits increasing
+with the id) is K steps per tile. A sorting network over ``BLOCK_V + K`` elements would cost
+``O(BLOCK_V log^2 BLOCK_V)`` per tile whatever the data. Above ``TOPK_MAX_IN_KERNEL`` the per-tile work
+(K steps on every tile of a row whose worst entry keeps rising) grows too large and the launcher falls back
+to ``torch.topk`` on the chunk's materialised logits before the kernel overwrites them (softcap then through
+``torch.tanh``, which can differ from the kernel's cap by an ulp). NaN logits never enter the in-kernel
+top-k. Not yet timed on a GPU.
 
 fp32 results of fp16/bf16 GEMMs use ``torch.mm(..., out_dtype=torch.float32)`` /
 ``torch.addmm(..., out_dtype=torch.float32, out=acc)`` on CUDA when this PyTorch has them (probed once per
@@ -95,7 +119,9 @@ __all__ = [
 _MIN_BUDGET_BYTES = 32 << 20
 _BUDGET_FRACTION = 0.02  # of one bf16 [N x V] tensor (DESIGN 4.6)
 _MIN_BWD_COLS = 1024  # vocabulary columns per backward block below which the d hidden accumulator dominates
-_TOPK_TEMP_BYTES = 12  # per chunk element: temporaries of the torch.topk path (issue 6 moves it in-kernel)
+# Largest topk merged inside the forward kernel (module doc, "Top-k"); larger K take the torch.topk fallback.
+TOPK_MAX_IN_KERNEL = 128
+_TOPK_TEMP_BYTES = 12  # per chunk element: temporaries of the torch.topk fallback (masks, int32 keys)
 
 
 @dataclass(frozen=True)
@@ -134,6 +160,22 @@ def _softcap(z, cap):
 
 
 @triton.jit
+def _topk_best(vals, ids, live):
+    # Per row, the best live (value, id) under "value descending, id ascending": (-inf, INT32_MAX) if none.
+    bv = tl.max(tl.where(live, vals, float("-inf")), axis=1)
+    bi = tl.min(tl.where(live & (vals == bv[:, None]), ids, 2147483647), axis=1)
+    return bv, bi
+
+
+@triton.jit
+def _topk_worst(vals, ids, live):
+    # Per row, the worst live (value, id): the smallest value, among equal ones the highest id.
+    wv = tl.min(tl.where(live, vals, float("inf")), axis=1)
+    wi = tl.max(tl.where(live & (vals == wv[:, None]), ids, -1), axis=1)
+    return wv, wi
+
+
+@triton.jit
 def _logit_capture_fwd_kernel(
     logits_ptr,  # [T, V] raw (uncapped) logits of the chunk, read
     stride_lm,  # row stride of logits, in elements
@@ -145,14 +187,20 @@ def _logit_capture_fwd_kernel(
     p_sq_ptr,  # [T] out: sum_v p_v^2
     loss_ptr,  # [T] out: per-row loss without token weights, 0 on ignored rows
     params_ptr,  # [3] (softcap, label_smoothing, z_loss) in the accumulation dtype: no fp32 kernel scalars
+    topk_ids_ptr,  # [T, K] int64 out when TOPK
+    topk_logits_ptr,  # [T, K] out when TOPK, the accumulation dtype
+    stride_km,  # row stride of both top-k outputs, in elements
     n_rows,
     V,
+    K,  # topk; 1 <= K <= K_PAD
     ignore_index,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     WRITE_P: tl.constexpr,
+    TOPK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    K_PAD: tl.constexpr,  # a power of two >= K
 ):
     acc_ty = lse_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -171,6 +219,14 @@ def _logit_capture_fwd_kernel(
     s = tl.zeros([BLOCK_M], acc_ty)
     s2 = tl.zeros([BLOCK_M], acc_ty)
     sz = tl.zeros([BLOCK_M], acc_ty)
+    if TOPK:
+        # Running top-K per row (module doc, "Top-k"): an unsorted set of K (value, id) pairs plus its worst
+        # member (wv, wi). Sentinels (-inf, V + slot) lose to every real entry, -inf logits included.
+        kslot = tl.arange(0, K_PAD)
+        slot_ok = (kslot < K)[None, :]
+        top_v = tl.full([BLOCK_M, K_PAD], float("-inf"), acc_ty)
+        top_i = tl.zeros([BLOCK_M, K_PAD], tl.int32) + (V + kslot)[None, :]
+        wv, wi = _topk_worst(top_v, top_i, slot_ok)
     for v0 in range(0, V, BLOCK_V):
         c = v0 + cols
         mask = row_ok[:, None] & (c < V)[None, :]
@@ -181,6 +237,20 @@ def _logit_capture_fwd_kernel(
             sz += tl.sum(tl.where(mask, z, 0.0), axis=1)
         # Padded lanes must not enter the normaliser (a capped pad would otherwise count as -cap).
         z = tl.where(mask, z, float("-inf"))
+        if TOPK:
+            # Entries that beat the current worst (tile ids exceed every real id in the set, so a tie with the
+            # worst only enters over a sentinel). Only that many extraction steps run, at most K.
+            ent = mask & ((z > wv[:, None]) | ((z == wv[:, None]) & (c[None, :] < wi[:, None])))
+            n_steps = tl.minimum(tl.max(tl.sum(ent.to(tl.int32), axis=1)), K)
+            for _ in range(n_steps):
+                bv, bi = _topk_best(z, c[None, :], ent)
+                ins = (bv > wv) | ((bv == wv) & (bi < wi))
+                hit = slot_ok & (top_v == wv[:, None]) & (top_i == wi[:, None]) & ins[:, None]
+                top_v = tl.where(hit, bv[:, None], top_v)
+                top_i = tl.where(hit, bi[:, None], top_i)
+                # Entries leave in descending order: once a row's best remaining entry fails, all of them do.
+                ent = ent & (c[None, :] != bi[:, None]) & ins[:, None]
+                wv, wi = _topk_worst(top_v, top_i, slot_ok)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # Rows past n_rows stay at -inf; pin them to 0 so that no inf - inf = NaN is ever formed.
         m_new = tl.where(row_ok, m_new, 0.0)
@@ -213,6 +283,16 @@ def _logit_capture_fwd_kernel(
     tl.store(p_target_ptr + rows, p_t, mask=row_ok)
     tl.store(p_sq_ptr + rows, p_sq, mask=row_ok)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+    if TOPK:
+        # K extractions from the set give the result in order (ids in the set are distinct).
+        live = slot_ok & row_ok[:, None]
+        k_rows = rows.to(tl.int64) * stride_km
+        for j in range(0, K):
+            bv, bi = _topk_best(top_v, top_i, live)
+            tl.store(topk_logits_ptr + k_rows + j, bv, mask=row_ok)
+            tl.store(topk_ids_ptr + k_rows + j, bi.to(tl.int64), mask=row_ok)
+            live = live & (top_i != bi[:, None])
 
     if WRITE_P:
         # Second sweep: p = exp(z - lse). Each element is loaded before the same program stores over it, so
@@ -462,8 +542,9 @@ def logit_capture_fwd(
     # p goes over the logits in place unless the p @ values GEMM needs it in another dtype.
     p_separate = write_p and values.dtype != hidden.dtype
     per_elem = hidden.element_size() + (values.element_size() if p_separate else 0)
-    if topk > 0:
-        # torch.topk path: about 12 bytes per element of masks and int32 keys, plus the capped fp32 copy.
+    topk_in_kernel = 0 < topk <= TOPK_MAX_IN_KERNEL
+    if topk > TOPK_MAX_IN_KERNEL:
+        # torch.topk fallback: about 12 bytes per element of masks and int32 keys, plus the capped fp32 copy.
         per_elem += _TOPK_TEMP_BYTES + (acc.itemsize if softcap is not None else 0)
     rows = tuning.fwd_rows or plan_fwd_rows(n, vocab, per_elem, tuning.budget_bytes)
     rows = max(1, min(rows, n))
@@ -478,6 +559,10 @@ def logit_capture_fwd(
     p_values = _out((n, values.shape[1]), acc, dev) if write_p else None
     topk_ids = _out((n, topk), torch.int64, dev) if topk > 0 else None
     topk_logits = _out((n, topk), acc, dev) if topk > 0 else None
+    k_pad = _block(topk, TOPK_MAX_IN_KERNEL, 2) if topk_in_kernel else 2
+    # Dummy pointers when the kernel writes no top-k (never dereferenced): lse has the right element type.
+    k_ids = topk_ids if topk_in_kernel else lse
+    k_logits = topk_logits if topk_in_kernel else lse
 
     buf = torch.empty(rows * vocab, dtype=hidden.dtype, device=dev)
     pbuf = _out((rows * vocab,), values.dtype, dev) if p_separate else None
@@ -489,9 +574,9 @@ def logit_capture_fwd(
         t = n1 - n0
         z = buf[: t * vocab].view(t, vocab)
         _matmul_into(z, hidden[n0:n1], w_t, accumulate=False)
-        if topk > 0:
-            # Before the kernel overwrites the logits. Capping is monotonic but can merge distinct logits
-            # into equal capped values, so the tie rule needs the capped values themselves (a fp32 copy).
+        if topk > TOPK_MAX_IN_KERNEL:
+            # torch.topk fallback, before the kernel overwrites the logits. Capping is monotonic but can merge
+            # distinct logits into equal capped values, so the tie rule needs the capped values (a fp32 copy).
             zt = z if softcap is None else softcap * torch.tanh(z.to(acc) / softcap)
             topk_ids[n0:n1], topk_logits[n0:n1] = _topk_lowest_id(zt, topk)
             del zt
@@ -507,14 +592,20 @@ def logit_capture_fwd(
             p_sq[n0:n1],
             row_loss[n0:n1],
             params,
+            k_ids[n0:n1],
+            k_logits[n0:n1],
+            k_ids.stride(0),
             t,
             vocab,
+            topk if topk_in_kernel else 1,
             ignore_index,
             HAS_SOFTCAP=softcap is not None,
             HAS_SMOOTHING=label_smoothing > 0,
             WRITE_P=write_p,
+            TOPK=topk_in_kernel,
             BLOCK_M=bm,
             BLOCK_V=bv,
+            K_PAD=k_pad,
             num_warps=warps,
         )
         if write_p:
