@@ -149,7 +149,9 @@ def logit_capture(
         reduction: ``"mean"`` (sum over counted rows / ``num_items_in_batch`` or the number of counted rows;
             0.0 when none is counted), ``"sum"`` or ``"none"`` (``[N]``, 0 on ignored rows).
         topk: ``K >= 0``; with ``K > 0`` also return the K largest (capped) logits per row and their ids,
-            in descending order, equal logits by ascending id (the compressed log of DESIGN.md 4.4).
+            in descending order, equal logits by ascending id (the compressed log of DESIGN.md 4.4). Found in
+            the same pass over V: the torch path with ``torch.topk`` per chunk of logits, the Triton kernel with
+            a running per-row set in registers for ``K <= 128`` (``torch.topk`` per chunk above that).
         softcap: ``None`` or a finite ``> 0`` cap (Gemma-2 final-logit soft-capping). All statistics then
             describe the softmax of the capped logits.
         label_smoothing: ``eps`` in ``[0, 1)``; the row loss becomes
