@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 from tcopilot.experiment import sign_test  # noqa: E402
 
 BASE_SYSTEMS = ("Pilot alone (trained without Copilot)", "Pilot of the joint run, Copilot off")
-TEST_NAMES = {"mawps": "MAWPS", "svamp": "SVAMP", "addsub": "AddSub", "singleeq": "SingleEq"}
+TEST_NAMES = {"mawps": "MAWPS", "svamp": "SVAMP", "addsub": "AddSub", "singleeq": "SingleEq", "boolq": "BoolQ",
+              "openbookqa": "OpenBookQA", "all": "all sets pooled"}
 
 
 def _key(row: dict) -> tuple:
@@ -36,6 +37,20 @@ def _baseline(rows: list[dict], test: str, beams: int) -> dict:
             if r["test"] == test and r["system"] == system and int(r.get("beams", 1)) == beams:
                 return r
     raise ValueError(f"results: no Pilot-alone row for test {test!r} with beams={beams}")
+
+
+def with_pooled(result: dict, name: str = "all") -> dict:
+    """``result`` plus rows ``test=name`` that pool every test set's questions per (system, fusion, lambda, beams)."""
+    pooled: dict[tuple, dict] = {}
+    for r in result["rows"]:
+        key = _key(r)[1:]
+        acc = pooled.setdefault(key, {**r, "test": name, "n": 0, "correct": [], "predictions": []})
+        acc["n"] += r["n"]
+        acc["correct"] = acc["correct"] + list(r["correct"])
+        acc["predictions"] = acc["predictions"] + list(r.get("predictions", [None] * r["n"]))
+    for acc in pooled.values():
+        acc["accuracy"] = sum(acc["correct"]) / acc["n"]
+    return {**result, "rows": result["rows"] + list(pooled.values())}
 
 
 def aggregate(results: list[dict]) -> list[dict]:
@@ -113,11 +128,14 @@ def markdown(summary: list[dict]) -> str:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", help="folders holding a results.json each (one per seed)")
+    p.add_argument("--no-pooled", action="store_true", help="leave out the rows pooling every test set")
     args = p.parse_args(argv)
     results = []
     for d in args.run_dirs:
         with open(os.path.join(d, "results.json")) as fh:
-            results.append(json.load(fh))
+            res = json.load(fh)
+        multi = len({r["test"] for r in res["rows"]}) > 1
+        results.append(with_pooled(res) if multi and not args.no_pooled else res)
     text = markdown(aggregate(results))
     print(text)
     return text

@@ -161,3 +161,13 @@ def test_score_uses_the_answer_format_choices():
     assert mod.score("the correct answer is true", boolq) and not mod.score("the correct answer is false", boolq)
     assert mod.score("the correct answer is answer2", obqa) and not mod.score("answer1", obqa)
     assert mod.score("3 + 2 = 5. The answer is 5.", math) and not mod.score("The answer is 6.", math)
+
+
+def test_reproduce_report_pools_test_sets():
+    mod = _report_module()
+    rows = [{"test": t, "n": 2, "system": "Pilot + Copilot", "fusion": "probs", "lam": 1.0, "beams": 1,
+             "correct": c, "predictions": ["a", "b"], "accuracy": sum(c) / 2}
+            for t, c in (("x", [1, 0]), ("y", [1, 1]))]
+    pooled = mod.with_pooled({"rows": rows})["rows"][-1]
+    assert pooled["test"] == "all" and pooled["n"] == 4 and pooled["correct"] == [1, 0, 1, 1]
+    assert pooled["accuracy"] == 0.75
