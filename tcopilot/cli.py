@@ -10,12 +10,15 @@ import sys
 
 def _train(args) -> int:
     from tcopilot.experiment import ExperimentConfig, run_experiment
+    from tcopilot.train import barrier, init_distributed
 
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
+    # under torchrun (WORLD_SIZE > 1) every rank trains its share; rank 0 alone writes and evaluates
+    rank, world = init_distributed()
     cfg = ExperimentConfig(run_dir=args.run_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                            copilot_layers=args.copilot_layers, pilot_layers=args.pilot_layers,
                            pilot_hidden=args.pilot_hidden)
@@ -23,13 +26,23 @@ def _train(args) -> int:
     cfg.train.seed = args.seed
     cfg.train.batch_size = args.batch_size
     cfg.train.grad_accum = args.grad_accum
+    cfg.train.distributed = args.distributed
     if args.lr_pilot:
         cfg.train.lr_pilot = args.lr_pilot
     if args.lr_copilot:
         cfg.train.lr_copilot = args.lr_copilot
     cfg.train.ckpt_every = min(cfg.train.ckpt_every, args.steps)
-    print(run_experiment(cfg, progress=not args.quiet))
-    print(f"(written to {os.path.join(cfg.run_dir, 'report.md')})")
+    try:
+        report = run_experiment(cfg, progress=not args.quiet)
+        if rank == 0:
+            print(report)
+            print(f"(written to {os.path.join(cfg.run_dir, 'report.md')})")
+        barrier()  # ranks > 0 wait here while rank 0 evaluates
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 
@@ -132,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pilot-hidden", type=int, default=128)
     t.add_argument("--copilot-layers", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--distributed", choices=("ddp", "fsdp2"), default="ddp",
+                   help="under torchrun with several processes: DDP or FSDP2 (--batch-size is the global batch)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=_train)
 

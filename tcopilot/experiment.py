@@ -11,6 +11,10 @@ Run layout::
     RUN_DIR/config.json, tokenizer.json, report.md, results.json
     RUN_DIR/pilot_only/{metrics.jsonl, checkpoint-*/, pilot/, mistake_log/}
     RUN_DIR/joint/{metrics.jsonl, checkpoint-*/, pilot/, copilot/, mistake_log/}
+
+Under ``torchrun --nproc_per_node N -m tcopilot train ...`` every rank builds the same data, tokenizer and
+models and trains its share of each global batch (:mod:`tcopilot.train`, DDP or FSDP2); rank 0 alone writes
+the files and evaluates, the other ranks return an empty report.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from tcopilot.data.prompts import encode_example, format_prompt
 from tcopilot.data.tokenizer import WordTokenizer
 from tcopilot.evaluate import evaluate_accuracy
 from tcopilot.pilot import TransformerCopilot
-from tcopilot.train import TrainConfig, Trainer
+from tcopilot.train import TrainConfig, Trainer, barrier, dist_info
 
 
 @dataclass
@@ -76,6 +80,13 @@ def build_pilot(vocab_size: int, cfg: ExperimentConfig, pad_token_id: int):
     return LlamaForCausalLM(pcfg)
 
 
+def _gathered(state: dict | None, prefix: str) -> dict:
+    """``save_pretrained`` keywords: the gathered (FSDP2) state of one model, or none (use the module's own)."""
+    if state is None:
+        return {}
+    return {"state_dict": {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}}
+
+
 def _load_or_train(name: str, cfg: ExperimentConfig, tok, examples, with_copilot: bool, progress: bool):
     """Train one model pair (resuming an interrupted run); returns (model, mean step time or None)."""
     out_dir = os.path.join(cfg.run_dir, name)
@@ -84,13 +95,27 @@ def _load_or_train(name: str, cfg: ExperimentConfig, tok, examples, with_copilot
     pilot = build_pilot(tok.vocab_size, cfg, tok.pad_token_id)
     copilot = Copilot.from_pilot(pilot, num_hidden_layers=cfg.copilot_layers) if with_copilot else None
     model = TransformerCopilot(pilot, copilot)
-    if os.path.exists(os.path.join(pilot_dir, "config.json")):
+    rank, world = dist_info()
+    done = os.path.exists(os.path.join(pilot_dir, "config.json"))
+    barrier()  # several processes: every rank has looked before rank 0 writes
+    if done:
         return load_run_model(out_dir), None
     trainer = Trainer(model, examples, cfg.train, out_dir, pad_token_id=tok.pad_token_id, progress=progress)
     trainer.train()
-    pilot.save_pretrained(pilot_dir)
-    if copilot is not None:
-        copilot.save_pretrained(os.path.join(out_dir, "copilot"))
+    if world == 1:
+        pilot.save_pretrained(pilot_dir)
+        if copilot is not None:
+            copilot.save_pretrained(os.path.join(out_dir, "copilot"))
+    else:
+        sharded = cfg.train.distributed == "fsdp2"
+        state = trainer.full_state_dict() if sharded else None  # FSDP2: gathered on every rank, kept on rank 0
+        if rank == 0:
+            pilot.save_pretrained(pilot_dir, **_gathered(state, "pilot."))
+            if copilot is not None:
+                copilot.save_pretrained(os.path.join(out_dir, "copilot"), **_gathered(state, "copilot."))
+        barrier()
+        if sharded and rank == 0:  # evaluate an unsharded copy
+            model = load_run_model(out_dir)
     times = trainer.step_times[3:] or trainer.step_times
     return model, (statistics.median(times) if times else None)
 
@@ -200,12 +225,15 @@ def write_report(cfg: ExperimentConfig, rows, times, sizes, wall: float) -> str:
 def run_experiment(cfg: ExperimentConfig | None = None, progress: bool = True) -> str:
     cfg = cfg or ExperimentConfig()
     t_start = time.perf_counter()
+    rank = dist_info()[0]  # under torchrun: every rank trains, rank 0 alone writes files and evaluates
     os.makedirs(cfg.run_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     train_items = generate_arithmetic(cfg.n_train, split="train", seed=cfg.seed)
     test_items = generate_arithmetic(cfg.n_test, split="test", seed=cfg.seed + 1)
     tok_path = os.path.join(cfg.run_dir, "tokenizer.json")
-    if os.path.exists(tok_path):
+    tok_exists = os.path.exists(tok_path)
+    barrier()  # several processes: every rank has looked before rank 0 writes
+    if tok_exists:
         tok = WordTokenizer.load(tok_path)
     else:
         # The vocabulary covers the test templates' words too: a word never seen in training keeps its
@@ -213,13 +241,17 @@ def run_experiment(cfg: ExperimentConfig | None = None, progress: bool = True) -
         # The prompt template's own words ("Q:", "A:") must be in the vocabulary too, not <unk>.
         texts = [format_prompt(x, style=cfg.style) + " " + x["output"] for x in train_items + test_items]
         tok = WordTokenizer.build(texts)
-        tok.save(tok_path)
+        if rank == 0:
+            tok.save(tok_path)
     examples = [encode_example(tok, x, cfg.max_length, style=cfg.style) for x in train_items]
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as fh:
-        json.dump(asdict(cfg), fh, indent=2, default=str)
+    if rank == 0:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as fh:
+            json.dump(asdict(cfg), fh, indent=2, default=str)
 
     pilot_only, t_p = _load_or_train("pilot_only", cfg, tok, examples, False, progress)
     joint, t_j = _load_or_train("joint", cfg, tok, examples, True, progress)
+    if rank != 0:  # the caller (tcopilot train) waits at a barrier while rank 0 evaluates
+        return ""
     rows = evaluation_grid(cfg, pilot_only, joint, tok, test_items, progress)
     sizes = {"pilot": param_count(joint.pilot), "copilot": param_count(joint.copilot)}
     report = write_report(cfg, rows, {"pilot_only": t_p, "joint": t_j}, sizes, time.perf_counter() - t_start)

@@ -18,10 +18,51 @@ Mistake Log: with ``keep_log=True`` (or a model that already holds a :class:`tco
 ``checkpoint-<step>/mistake_log/`` (so a resumed run continues with the same buffer and sampler state), the
 finished run writes ``run_dir/mistake_log/`` for ``tcopilot inspect``, and ``metrics.jsonl`` gains the
 step's mean error mass ``1 - p(y)`` and the top-k residual mass.
+
+Several processes (``torchrun``, ``accelerate launch``): when ``torch.distributed`` is initialised, or when
+``WORLD_SIZE > 1`` is set (the :class:`Trainer` then calls :func:`init_distributed`), the model is wrapped in
+DDP (``TrainConfig.distributed="ddp"``, the default) or sharded with FSDP2 (``"fsdp2"``: ``fully_shard`` on each
+decoder layer of the Pilot and of the Copilot, then on the :class:`TransformerCopilot` root, the plan of
+``tests/integrations/test_fsdp2.py``). The model stays on the device it was given (CPU: gloo; CUDA: nccl, after
+moving the model to ``cuda:LOCAL_RANK``). What each piece means with ``W`` ranks:
+
+- **Data**: ``batch_size`` is the *global* batch. Every rank draws the same :func:`batch_indices` and collates
+  the whole global batch (so padding is the single-process run's), then keeps the *contiguous* rows
+  ``[rank * B/W, (rank + 1) * B/W)`` and splits them into ``grad_accum`` micro-batches. Rank ``r``'s micro-batch
+  ``k`` is therefore micro-batch ``r * grad_accum + k`` of one process running ``grad_accum * W`` micro-batches.
+  ``batch_size`` must be a multiple of ``grad_accum * W``.
+- **Pilot loss**: ``num_items_in_batch`` is the counted tokens of the whole global batch (every rank holds the
+  global batch, so this is the all-reduced count without a collective). DDP and FSDP2 average gradients over
+  ranks, so each rank backpropagates ``W * pilot_loss``: the Pilot's loss and gradients are the token mean of
+  the global batch, exactly one process's (any ``grad_accum``).
+- **Copilot loss**: its token RMSE is not additive over rows; each micro-batch's RMSE is divided by
+  ``grad_accum`` and the gradient averaging divides by ``W``, so the Copilot trains on the mean of the
+  ``grad_accum * W`` micro-batch RMSEs: exactly one process with ``grad_accum * W`` accumulation steps (the
+  same rows in the same micro-batches), not one process with ``grad_accum``.
+- **Logs**: ``pilot_loss`` is the all-reduced sum of the ranks' shares (the global token mean),
+  ``copilot_loss`` the all-reduced mean of the ranks' values, ``tokens`` the global count; gradient norms are
+  those of the full gradients (DDP: replicated after the all-reduce; FSDP2: DTensor norms, reduced), so per-model
+  clipping acts as in one process. Only rank 0 writes ``config.json``, ``metrics.jsonl``, checkpoints and the
+  progress bar; ``eval_fn`` runs on every rank (under FSDP2 its forwards are collectives), rank 0 logs it.
+- **Checkpoints** hold full, unsharded state in the single-process files (``pilot.safetensors``,
+  ``copilot.safetensors``, ``optimizer.pt`` with index-keyed ``torch.optim`` state dicts), so a checkpoint
+  written with any world size and either wrapper resumes with any other (including one process). DDP:
+  everything is replicated and rank 0 saves. FSDP2: parameters and optimizer moments are gathered
+  (``DTensor.full_tensor``, a collective on every rank) and rank 0 saves; on resume every rank reads the full
+  files and keeps its shard. Checkpoints must be on a file system every rank can read (rank 0 picks the
+  checkpoint to resume and tells the others).
+- **Mistake Log**: each rank records its own rows in its own buffer; the step's ``error_mass`` /
+  ``topk_residual`` in ``metrics.jsonl`` are token-weighted means over all ranks, but checkpoints and
+  ``run_dir/mistake_log/`` hold rank 0's buffer only, and a resumed run gives every rank that buffer.
+  (``log_mode="replay"`` therefore continues from rank 0's entries on every rank after a resume.)
+
+The Trainer never destroys the process group (a script may train several models); call
+``torch.distributed.destroy_process_group()`` at the end, as ``tcopilot train`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,11 +72,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from tcopilot.data.prompts import collate
 from tcopilot.mistake_log import MistakeLog
+
+DISTRIBUTED = ("ddp", "fsdp2")
 
 
 @dataclass
@@ -62,6 +105,8 @@ class TrainConfig:
     log_max_bytes: int = 1 << 30
     log_topk: int = 32
     log_pooled_dtype: str = "bfloat16"
+    # Under torchrun / accelerate launch (several processes): "ddp" or "fsdp2"; ignored in one process.
+    distributed: str = "ddp"
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -76,6 +121,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"distributed: expected one of {DISTRIBUTED}, got {self.distributed!r}")
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -97,8 +144,160 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> lis
     return perm[k * batch_size : (k + 1) * batch_size].tolist()
 
 
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised default process group, ``(0, 1)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise the default process group when launched with ``WORLD_SIZE > 1`` (torchrun, accelerate launch)
+    and none exists yet; returns ``(rank, world_size)`` (``(0, 1)`` in a plain single process).
+
+    Backend: ``gloo`` without CUDA; with CUDA, ``cpu:gloo,cuda:nccl`` (nccl for CUDA tensors, gloo for CPU
+    ones, so a model left on the CPU still works) and the current CUDA device is set to ``LOCAL_RANK``.
+    """
+    dist = torch.distributed
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """``torch.distributed.barrier()`` when a process group is initialised; nothing otherwise."""
+    if dist_info()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def full_state_dict(module: torch.nn.Module, keep: bool = True) -> dict:
+    """The unsharded state dict of ``module`` on the CPU: FSDP2 shards (DTensors) are gathered with
+    ``full_tensor()``, a collective, so every rank must call this; ``keep=False`` (ranks > 0) gathers and returns
+    ``{}``. Names that alias one tensor (tied weights) map to one CPU tensor, as in ``module.state_dict()``."""
+    out, seen = {}, {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            v = t.detach()
+            if _is_dtensor(v):
+                v = v.full_tensor()
+            seen[id(t)] = v.cpu() if keep else None
+        if keep:
+            out[name] = seen[id(t)]
+    return out
+
+
+def _save_state(state: dict, path: str) -> None:
+    """Write a full state dict as ``safetensors.torch.save_model`` writes the module: of names sharing one tensor
+    the first in sorted order is kept (the others are recorded in the metadata), tensors made contiguous."""
+    groups: dict[int, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault(id(t), []).append(name)
+    state, metadata = dict(state), None
+    for names in groups.values():
+        keep, *drop = sorted(names)
+        for name in drop:
+            metadata = metadata or {}
+            metadata[name] = keep
+            del state[name]
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+
+
+def _load_sharded(module: torch.nn.Module, path: str) -> None:
+    """Load a file written by ``save_model`` / :func:`_save_state` into an FSDP2-sharded ``module``: every rank
+    reads the full tensors and keeps its own shard (``distribute_tensor`` without communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = load_file(path)
+    current = module.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, t in current.items():
+        groups.setdefault(id(t), []).append(name)
+    for names in groups.values():  # a tied weight is stored under one of its names
+        present = [n for n in names if n in full]
+        if present:
+            for n in names:
+                full.setdefault(n, full[present[0]])
+    missing = sorted(set(current) - set(full))
+    unexpected = sorted(set(full) - set(current))
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    new = {}
+    for name, t in current.items():
+        v = full[name].to(device=t.device, dtype=t.dtype)
+        new[name] = distribute_tensor(v, t.device_mesh, t.placements, src_data_rank=None) if _is_dtensor(t) else v
+    module.load_state_dict(new)
+
+
+def _full_optim_state(opt: torch.optim.Optimizer, keep: bool = True) -> dict:
+    """``opt.state_dict()`` with DTensor moments gathered to full CPU tensors (a collective under FSDP2)."""
+    sd = opt.state_dict()
+    state = {}
+    for i in sorted(sd["state"]):
+        row = {}
+        for k, v in sd["state"][i].items():
+            if _is_dtensor(v):
+                v = v.full_tensor()
+            row[k] = v.cpu() if isinstance(v, torch.Tensor) else v
+        state[i] = row
+    return {"state": state, "param_groups": sd["param_groups"]} if keep else {}
+
+
+def _load_optim_sharded(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """Load an index-keyed full optimizer state dict into an optimizer over FSDP2 (DTensor) parameters."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, row in sd["state"].items():
+        p = params[i]
+        state[i] = {
+            k: distribute_tensor(v.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            if _is_dtensor(p) and isinstance(v, torch.Tensor) and v.shape == p.shape else v
+            for k, v in row.items()
+        }
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def fsdp2_shard(model, mesh) -> None:
+    """The FSDP2 plan: ``fully_shard`` each decoder layer of the Pilot and of the Copilot, then the
+    :class:`TransformerCopilot` root (whose pre-forward gathers the LM head and the Copilot's head weights,
+    which the fused ops read without calling their modules)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from tcopilot.pilot import find_decoder_layers
+
+    for layer in find_decoder_layers(model.pilot):
+        fully_shard(layer, mesh=mesh)
+    if model.copilot is not None:
+        for layer in model.copilot.layers:
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _float(t) -> float:
+    return float(t.full_tensor() if _is_dtensor(t) else t)
+
+
 class Trainer:
-    """Trains ``model`` (a :class:`TransformerCopilot`) on encoded examples (``input_ids``/``labels`` lists)."""
+    """Trains ``model`` (a :class:`TransformerCopilot`) on encoded examples (``input_ids``/``labels`` lists).
+
+    In several processes (see the module docstring) every rank builds the same model, examples and config;
+    the Trainer wraps the model in DDP or shards it with FSDP2 (``config.distributed``) before creating the
+    optimisers. ``self.model`` stays the :class:`TransformerCopilot` (under FSDP2 with sharded parameters).
+    """
 
     def __init__(self, model, examples: list[dict], config: TrainConfig, run_dir: str, *,
                  pad_token_id: int = 0, eval_fn: Callable | None = None, progress: bool = True):
@@ -110,6 +309,23 @@ class Trainer:
         self.model, self.examples, self.cfg = model, examples, config
         self.run_dir, self.pad_token_id = run_dir, pad_token_id
         self.eval_fn, self.progress = eval_fn, progress
+        self.rank, self.world = init_distributed()
+        self._ddp = None
+        if self.world > 1:
+            if config.batch_size % (config.grad_accum * self.world):
+                raise ValueError(
+                    f"batch_size: expected a multiple of grad_accum * world_size = {config.grad_accum} * "
+                    f"{self.world}, got {config.batch_size}"
+                )
+            dev = self._device
+            if config.distributed == "fsdp2":
+                from torch.distributed.device_mesh import init_device_mesh
+
+                fsdp2_shard(model, init_device_mesh(dev.type, (self.world,)))
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                self._ddp = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
         os.makedirs(run_dir, exist_ok=True)
         sched = cosine_with_warmup(config.warmup_steps, config.steps, config.min_lr_ratio)
         self.opt_pilot = torch.optim.AdamW(
@@ -134,6 +350,22 @@ class Trainer:
     def mistake_log(self) -> MistakeLog | None:
         return getattr(self.model, "mistake_log", None)
 
+    @property
+    def _net(self) -> torch.nn.Module:
+        """What the forward runs through: the DDP wrapper, or the model itself (one process, FSDP2)."""
+        return self.model if self._ddp is None else self._ddp
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.world > 1 and self.cfg.distributed == "fsdp2"
+
+    def full_state_dict(self) -> dict:
+        """The model's full state dict (keys ``pilot.*`` / ``copilot.*``) on rank 0; ``{}`` on other ranks under
+        FSDP2. Under FSDP2 a collective: call it on every rank."""
+        if self._fsdp:
+            return full_state_dict(self.model, keep=self.rank == 0)
+        return self.model.state_dict()
+
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_dirs(self) -> list[tuple[int, str]]:
         out = []
@@ -145,7 +377,13 @@ class Trainer:
         return sorted(out)
 
     def save_checkpoint(self) -> str:
+        """Write ``run_dir/checkpoint-<step>/``. In several processes call it on every rank: rank 0 writes
+        (under FSDP2 after gathering full tensors, a collective), then all ranks meet at a barrier."""
         final = os.path.join(self.run_dir, f"checkpoint-{self.step}")
+        if self.world > 1:
+            self._save_checkpoint_distributed(final)
+            barrier()
+            return final
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -157,6 +395,10 @@ class Trainer:
             opt["sched_copilot"] = self.sched_copilot.state_dict()
         opt["rng"] = torch.get_rng_state()
         torch.save(opt, os.path.join(tmp, "optimizer.pt"))
+        self._finish_checkpoint(tmp, final)
+        return final
+
+    def _finish_checkpoint(self, tmp: str, final: str) -> None:
         if self.mistake_log is not None:
             self.mistake_log.save(os.path.join(tmp, "mistake_log"))
         # state.json last: a checkpoint without it is incomplete and ignored on resume.
@@ -166,20 +408,62 @@ class Trainer:
         os.replace(tmp, final)
         for _, old in self._ckpt_dirs()[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        return final
+
+    def _save_checkpoint_distributed(self, final: str) -> None:
+        keep = self.rank == 0
+        model = self.model
+        if self._fsdp:  # every rank takes part in the gathers; rank 0 keeps the full tensors
+            pilot = full_state_dict(model.pilot, keep)
+            copilot = full_state_dict(model.copilot, keep) if model.copilot is not None else None
+            opt = {"pilot": _full_optim_state(self.opt_pilot, keep)}
+            if model.copilot is not None:
+                opt["copilot"] = _full_optim_state(self.opt_copilot, keep)
+        if not keep:
+            return
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if self._fsdp:
+            _save_state(pilot, os.path.join(tmp, "pilot.safetensors"))
+            if copilot is not None:
+                _save_state(copilot, os.path.join(tmp, "copilot.safetensors"))
+        else:  # DDP: weights and optimizer state are replicated, rank 0's are everyone's
+            save_model(model.pilot, os.path.join(tmp, "pilot.safetensors"))
+            opt = {"pilot": self.opt_pilot.state_dict()}
+            if model.copilot is not None:
+                save_model(model.copilot, os.path.join(tmp, "copilot.safetensors"))
+                opt["copilot"] = self.opt_copilot.state_dict()
+        opt["sched_pilot"] = self.sched_pilot.state_dict()
+        if model.copilot is not None:
+            opt["sched_copilot"] = self.sched_copilot.state_dict()
+        opt["rng"] = torch.get_rng_state()
+        torch.save(opt, os.path.join(tmp, "optimizer.pt"))
+        self._finish_checkpoint(tmp, final)
 
     def maybe_resume(self) -> bool:
         ckpts = self._ckpt_dirs()
+        if self.world > 1:  # rank 0 decides, so every rank resumes from the same checkpoint (or none)
+            pick = [ckpts[-1] if ckpts else None]
+            torch.distributed.broadcast_object_list(pick, src=0)
+            ckpts = [pick[0]] if pick[0] is not None else []
         if not ckpts:
             return False
         step, path = ckpts[-1]
-        load_model(self.model.pilot, os.path.join(path, "pilot.safetensors"))
         opt = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
-        self.opt_pilot.load_state_dict(opt["pilot"])
+        if self._fsdp:
+            _load_sharded(self.model.pilot, os.path.join(path, "pilot.safetensors"))
+            _load_optim_sharded(self.opt_pilot, opt["pilot"])
+        else:
+            load_model(self.model.pilot, os.path.join(path, "pilot.safetensors"))
+            self.opt_pilot.load_state_dict(opt["pilot"])
         self.sched_pilot.load_state_dict(opt["sched_pilot"])
         if self.model.copilot is not None:
-            load_model(self.model.copilot, os.path.join(path, "copilot.safetensors"))
-            self.opt_copilot.load_state_dict(opt["copilot"])
+            if self._fsdp:
+                _load_sharded(self.model.copilot, os.path.join(path, "copilot.safetensors"))
+                _load_optim_sharded(self.opt_copilot, opt["copilot"])
+            else:
+                load_model(self.model.copilot, os.path.join(path, "copilot.safetensors"))
+                self.opt_copilot.load_state_dict(opt["copilot"])
             self.sched_copilot.load_state_dict(opt["sched_copilot"])
         torch.set_rng_state(opt["rng"])
         log_dir = os.path.join(path, "mistake_log")
@@ -189,8 +473,9 @@ class Trainer:
         return True
 
     def save_log(self) -> str | None:
-        """Write the Mistake Log (if any) to ``run_dir/mistake_log/``; returns that directory."""
-        if self.mistake_log is None:
+        """Write the Mistake Log (if any) to ``run_dir/mistake_log/``; returns that directory. In several
+        processes only rank 0 writes (its own buffer) and the others return ``None``."""
+        if self.mistake_log is None or self.rank != 0:
             return None
         out = os.path.join(self.run_dir, "mistake_log")
         self.mistake_log.save(out)
@@ -198,42 +483,74 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def accumulate_gradients(self) -> dict:
-        """Forward and backward every micro-batch of the current step; gradients are left in ``.grad``."""
+        """Forward and backward every micro-batch of the current step; gradients are left in ``.grad``.
+
+        In several processes: this rank's contiguous slice of the global batch (module docstring); the
+        gradients left are the averaged ones (DDP: after its all-reduce; FSDP2: the local shards)."""
         cfg, model = self.cfg, self.model
-        model.train()
+        self._net.train()
         idx = batch_indices(len(self.examples), cfg.batch_size, cfg.seed, self.step)
         batch = collate([self.examples[i] for i in idx], self.pad_token_id, padding_side=cfg.padding_side)
         n_items = int((batch["labels"][:, 1:] != -100).sum())
-        micro = cfg.batch_size // cfg.grad_accum
+        world = self.world
+        if world > 1:
+            rows = cfg.batch_size // world
+            batch = {k: v[self.rank * rows : (self.rank + 1) * rows] for k, v in batch.items()}
+        micro = cfg.batch_size // (cfg.grad_accum * world)
         p_sum, c_sum = 0.0, 0.0
         log = self.mistake_log
         if log is not None:
             log.next_step = self.step + 1
         for k in range(cfg.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
-            out = model(
-                batch["input_ids"][sl].to(self._device),
-                attention_mask=batch["attention_mask"][sl].to(self._device),
-                labels=batch["labels"][sl].to(self._device),
-                num_items_in_batch=max(1, n_items),
-            )
-            loss = out.pilot_loss
-            if out.copilot_loss is not None:
-                loss = loss + out.copilot_loss / cfg.grad_accum
-                c_sum += float(out.copilot_loss.detach()) / cfg.grad_accum
-            loss.backward()
+            # DDP: all-reduce once, after the last micro-batch
+            last_micro = k == cfg.grad_accum - 1
+            with contextlib.nullcontext() if self._ddp is None or last_micro else self._ddp.no_sync():
+                out = self._net(
+                    batch["input_ids"][sl].to(self._device),
+                    attention_mask=batch["attention_mask"][sl].to(self._device),
+                    labels=batch["labels"][sl].to(self._device),
+                    num_items_in_batch=max(1, n_items),
+                )
+                # world > 1: DDP / FSDP2 average gradients over ranks; undo it for the Pilot's token-sum share
+                loss = out.pilot_loss if world == 1 else out.pilot_loss * world
+                if out.copilot_loss is not None:
+                    loss = loss + out.copilot_loss / cfg.grad_accum
+                    c_sum += float(out.copilot_loss.detach()) / cfg.grad_accum
+                loss.backward()
             p_sum += float(out.pilot_loss.detach())
+        stats = log.step_stats(self.step + 1) if log is not None else None
+        if world > 1:
+            p_sum, c_sum, stats = self._reduce_logs(p_sum, c_sum, stats, log is not None)
         rec = {"step": self.step + 1, "pilot_loss": p_sum, "tokens": n_items}
         if model.copilot is not None:
             rec["copilot_loss"] = c_sum
-        stats = log.step_stats(self.step + 1) if log is not None else None
         if stats is not None:
             rec.update(error_mass=stats["err_mass"], topk_residual=stats["residual"], log_bytes=log.nbytes)
         return rec
+
+    def _reduce_logs(self, p_sum: float, c_sum: float, stats: dict | None, with_log: bool):
+        """All-reduce the step's logged values: the Pilot's shares summed (the global token mean), the
+        Copilot's averaged over ranks, the Mistake Log's means weighted by each rank's counted tokens."""
+        n = stats["tokens"] if stats is not None else 0
+        vals = [p_sum, c_sum]
+        if with_log:
+            vals += [stats["err_mass"] * n, stats["residual"] * n, n] if stats is not None else [0.0, 0.0, 0]
+        t = torch.tensor(vals, dtype=torch.float64)
+        if self._device.type == "cuda" and torch.distributed.get_backend() == "nccl":
+            t = t.to(self._device)
+        torch.distributed.all_reduce(t)
+        t = t.cpu().tolist()
+        out_stats = None
+        if with_log and t[4] > 0:
+            out_stats = {"err_mass": t[2] / t[4], "residual": t[3] / t[4], "tokens": int(t[4])}
+        return t[0], t[1] / self.world, out_stats
 
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
@@ -242,13 +559,13 @@ class Trainer:
         self.opt_pilot.step()
         self.sched_pilot.step()
         self.opt_pilot.zero_grad(set_to_none=True)
-        rec.update(grad_norm_pilot=float(gn_p), lr_pilot=self.sched_pilot.get_last_lr()[0])
+        rec.update(grad_norm_pilot=_float(gn_p), lr_pilot=self.sched_pilot.get_last_lr()[0])
         if model.copilot is not None:
             gn_c = torch.nn.utils.clip_grad_norm_(model.copilot.parameters(), cfg.clip_copilot)
             self.opt_copilot.step()
             self.sched_copilot.step()
             self.opt_copilot.zero_grad(set_to_none=True)
-            rec.update(grad_norm_copilot=float(gn_c), lr_copilot=self.sched_copilot.get_last_lr()[0])
+            rec.update(grad_norm_copilot=_float(gn_c), lr_copilot=self.sched_copilot.get_last_lr()[0])
         self.step += 1
         return rec
 
@@ -257,14 +574,16 @@ class Trainer:
         return next(self.model.pilot.parameters()).device
 
     def train(self, stop_after: int | None = None) -> dict:
-        """Run until ``config.steps`` (or until ``stop_after`` steps of this call: used to test resuming)."""
+        """Run until ``config.steps`` (or until ``stop_after`` steps of this call: used to test resuming).
+        In several processes every rank calls it (same arguments)."""
         cfg = self.cfg
         resumed = self.maybe_resume()
         if not resumed:
             torch.manual_seed(cfg.seed)
-            with open(os.path.join(self.run_dir, "config.json"), "w") as fh:
-                json.dump({"train": asdict(cfg)}, fh, indent=2)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train",
+            if self.rank == 0:
+                with open(os.path.join(self.run_dir, "config.json"), "w") as fh:
+                    json.dump({"train": asdict(cfg)}, fh, indent=2)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank != 0, desc="train",
                    dynamic_ncols=True)
         done_here, last = 0, {}
         while self.step < cfg.steps and (stop_after is None or done_here < stop_after):
@@ -293,4 +612,5 @@ class Trainer:
         return last
 
 
-__all__ = ["TrainConfig", "Trainer", "cosine_with_warmup", "batch_indices"]
+__all__ = ["TrainConfig", "Trainer", "cosine_with_warmup", "batch_indices", "init_distributed", "dist_info", "barrier",
+           "full_state_dict", "fsdp2_shard"]
