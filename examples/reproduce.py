@@ -123,7 +123,7 @@ def decode_settings(model: TransformerCopilot, input_ids, attention_mask, settin
             ccache = copy.deepcopy(ccache0) if use_copilot else None
             z, g, mask = z0, g0, attention_mask.clone()
             cur_pos = pos[:, -1].clamp(min=-1)
-            finished = torch.zeros(bsz, dtype=torch.bool)
+            finished = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
             new = []
             for step in range(max_new_tokens):
                 f = copilot.error_out(g).float() if use_copilot else torch.zeros_like(z)
@@ -158,6 +158,8 @@ def evaluate_settings(model, tok, items, settings, *, batch_size: int, max_new_t
         idx = order[s : s + batch_size]
         chunk = [items[i] for i in idx]
         ids, mask = encode_prompts(tok, chunk, style="alpaca", padding_side="left")
+        dev = next(model.pilot.parameters()).device
+        ids, mask = ids.to(dev), mask.to(dev)
         res = decode_settings(model, ids, mask, settings, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
         for setting, new in res.items():
             for row, i in zip(new.tolist(), idx):
@@ -184,6 +186,8 @@ def evaluate_beam(model, tok, items, lam: float, fusion: str, *, num_beams: int,
     for b, s in enumerate(range(0, len(order), batch_size)):
         idx = order[s : s + batch_size]
         ids, mask = encode_prompts(tok, [items[i] for i in idx], style="alpaca", padding_side="left")
+        dev = next(model.pilot.parameters()).device
+        ids, mask = ids.to(dev), mask.to(dev)
         seq = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, lam=lam, fusion=fusion,
                        do_sample=False, num_beams=num_beams, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)
@@ -233,6 +237,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available); weights stay fp32")
     p.add_argument("--tiny-test-model", action="store_true", help=argparse.SUPPRESS)  # smoke test only
     return p.parse_args(argv)
 
@@ -313,7 +318,12 @@ def main(argv=None, pilot_factory=None, tokenizer=None) -> dict:
         f"{n_trunc} truncated at max_length={args.max_length}")
 
     # ------------------------------------------------------------------ train
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
     pilot_only, joint = build_models(args, pilot_factory)
+    for m in (pilot_only, joint):
+        if m is not None:
+            m.to(device)
     sizes = {"pilot": param_count(joint.pilot), "copilot": param_count(joint.copilot),
              "pilot_trainable": sum(p.numel() for p in joint.pilot.parameters() if p.requires_grad)}
     log(f"sizes: {sizes}")
@@ -380,7 +390,8 @@ def main(argv=None, pilot_factory=None, tokenizer=None) -> dict:
         "pilot_weight_max_abs_diff": pilot_weight_diff, "eval_wall_s": eval_wall,
         "total_wall_s": time.perf_counter() - t_start,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+                   f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device "
+                   f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
         "rows": rows,
     }
     with open(os.path.join(args.run_dir, "results.json"), "w") as fh:
