@@ -148,6 +148,14 @@ def decode_settings(model: TransformerCopilot, input_ids, attention_mask, settin
     return results
 
 
+def _answer(tok, row: list[int], item: dict) -> tuple[str, bool]:
+    """(decoded text up to the first EOS, whether it is correct) of one generated row."""
+    if tok.eos_token_id in row:
+        row = row[: row.index(tok.eos_token_id)]
+    text = tok.decode(row)
+    return text, score(text, item)
+
+
 def evaluate_settings(model, tok, items, settings, *, batch_size: int, max_new_tokens: int, desc: str = "") -> dict:
     """Per setting: accuracy, per-item correctness (in ``items`` order), predictions, decode seconds."""
     model.eval()
@@ -163,11 +171,7 @@ def evaluate_settings(model, tok, items, settings, *, batch_size: int, max_new_t
         res = decode_settings(model, ids, mask, settings, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
         for setting, new in res.items():
             for row, i in zip(new.tolist(), idx):
-                if tok.eos_token_id in row:
-                    row = row[: row.index(tok.eos_token_id)]
-                text = tok.decode(row)
-                out[setting]["predictions"][i] = text
-                out[setting]["correct"][i] = score(text, items[i])
+                out[setting]["predictions"][i], out[setting]["correct"][i] = _answer(tok, row, items[i])
         log(f"{desc} batch {b + 1}/{-(-len(order) // batch_size)} done, {time.perf_counter() - t0:.0f} s")
     for r in out.values():
         r["accuracy"] = sum(r["correct"]) / len(items)
@@ -192,11 +196,7 @@ def evaluate_beam(model, tok, items, lam: float, fusion: str, *, num_beams: int,
                        do_sample=False, num_beams=num_beams, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id)
         for row, i in zip(seq[:, ids.shape[1]:].tolist(), idx):
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            text = tok.decode(row)
-            out["predictions"][i] = text
-            out["correct"][i] = score(text, items[i])
+            out["predictions"][i], out["correct"][i] = _answer(tok, row, items[i])
         if (b + 1) % 4 == 0 or s + batch_size >= len(order):
             log(f"{desc} batch {b + 1}/{-(-len(order) // batch_size)} done, {time.perf_counter() - t0:.0f} s")
     out["accuracy"] = sum(out["correct"]) / len(items)

@@ -450,21 +450,18 @@ class Trainer:
             return False
         step, path = ckpts[-1]
         opt = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
-        if self._fsdp:
-            _load_sharded(self.model.pilot, os.path.join(path, "pilot.safetensors"))
-            _load_optim_sharded(self.opt_pilot, opt["pilot"])
-        else:
-            load_model(self.model.pilot, os.path.join(path, "pilot.safetensors"))
-            self.opt_pilot.load_state_dict(opt["pilot"])
-        self.sched_pilot.load_state_dict(opt["sched_pilot"])
+        parts = [("pilot", self.model.pilot, self.opt_pilot, self.sched_pilot)]
         if self.model.copilot is not None:
-            if self._fsdp:
-                _load_sharded(self.model.copilot, os.path.join(path, "copilot.safetensors"))
-                _load_optim_sharded(self.opt_copilot, opt["copilot"])
+            parts.append(("copilot", self.model.copilot, self.opt_copilot, self.sched_copilot))
+        for name, module, optim, sched in parts:
+            weights = os.path.join(path, f"{name}.safetensors")
+            if self._fsdp:  # full tensors on disk; each rank keeps its shard
+                _load_sharded(module, weights)
+                _load_optim_sharded(optim, opt[name])
             else:
-                load_model(self.model.copilot, os.path.join(path, "copilot.safetensors"))
-                self.opt_copilot.load_state_dict(opt["copilot"])
-            self.sched_copilot.load_state_dict(opt["sched_copilot"])
+                load_model(module, weights)
+                optim.load_state_dict(opt[name])
+            sched.load_state_dict(opt[f"sched_{name}"])
         torch.set_rng_state(opt["rng"])
         log_dir = os.path.join(path, "mistake_log")
         if self.mistake_log is not None and os.path.isdir(log_dir):
