@@ -21,7 +21,7 @@ def _train(args) -> int:
     rank, world = init_distributed()
     cfg = ExperimentConfig(run_dir=args.run_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test,
                            copilot_layers=args.copilot_layers, pilot_layers=args.pilot_layers,
-                           pilot_hidden=args.pilot_hidden)
+                           pilot_hidden=args.pilot_hidden, device=args.device)
     cfg.train.steps = args.steps
     cfg.train.seed = args.seed
     cfg.train.batch_size = args.batch_size
@@ -70,13 +70,14 @@ def _eval(args) -> int:
     from tcopilot.experiment import evaluation_grid, load_run_model, write_report
 
     cfg = _load_cfg(args.run_dir)
+    cfg.device = args.device  # where this evaluation runs, whatever the training used
     if args.lam:
         cfg.lams = tuple(args.lam)
     tok = WordTokenizer.load(os.path.join(args.run_dir, "tokenizer.json"))
     test = generate_arithmetic(args.n_test or cfg.n_test, split="test", seed=cfg.seed + 1)
     cfg.n_test = len(test)
-    pilot_only = load_run_model(os.path.join(args.run_dir, "pilot_only"))
-    joint = load_run_model(os.path.join(args.run_dir, "joint"))
+    pilot_only = load_run_model(os.path.join(args.run_dir, "pilot_only"), args.device)
+    joint = load_run_model(os.path.join(args.run_dir, "joint"), args.device)
     rows = evaluation_grid(cfg, pilot_only, joint, tok, test, progress=not args.quiet)
     sizes = {"pilot": param_count(joint.pilot), "copilot": param_count(joint.copilot)}
     print(write_report(cfg, rows, {"pilot_only": None, "joint": None}, sizes, 0.0))
@@ -92,14 +93,15 @@ def _generate(args) -> int:
 
     cfg = _load_cfg(args.run_dir)
     tok = WordTokenizer.load(os.path.join(args.run_dir, "tokenizer.json"))
-    model = load_run_model(os.path.join(args.run_dir, "joint"))
+    model = load_run_model(os.path.join(args.run_dir, "joint"), args.device)
     items = [{"instruction": p, "input": "", "output": "", "answer": ""} for p in args.prompt]
     ids, mask = encode_prompts(tok, items, style=cfg.style, padding_side="left")
-    gen = torch.Generator().manual_seed(args.seed)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, lam=args.lam,
+    dev = next(model.pilot.parameters()).device
+    gen = torch.Generator(dev).manual_seed(args.seed)
+    out = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=args.max_new_tokens, lam=args.lam,
                          fusion=args.fusion, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen)
-    for p, row in zip(args.prompt, out[:, ids.shape[1]:].tolist()):
+    for p, row in zip(args.prompt, out[:, ids.shape[1]:].cpu().tolist()):
         if tok.eos_token_id in row:
             row = row[: row.index(tok.eos_token_id)]
         print(f"{p}\n  -> {tok.decode(row)}")
@@ -128,6 +130,10 @@ def _inspect(args) -> int:
     return 0
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # tcopilot.experiment.DEVICES, without importing torch for --help
+DEVICE_HELP = "auto (default): CUDA when present (cuda:LOCAL_RANK under torchrun), else the CPU"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tcopilot", description=__doc__)
     sub = p.add_subparsers(dest="command")
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--distributed", choices=("ddp", "fsdp2"), default="ddp",
                    help="under torchrun with several processes: DDP or FSDP2 (--batch-size is the global batch)")
+    t.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=_train)
 
@@ -154,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--lam", type=float, nargs="*")
     e.add_argument("--n-test", type=int, default=None)
+    e.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=_eval)
 
@@ -167,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     g.set_defaults(fn=_generate)
 
     i = sub.add_parser("inspect", help="what the Pilot got wrong: losses, error mass, confusions, plot")

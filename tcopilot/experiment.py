@@ -52,6 +52,7 @@ class ExperimentConfig:
     max_new_tokens: int = 40
     eval_batch_size: int = 100
     lams: tuple = (0.5, 1.0)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"; see resolve_device
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             steps=300, batch_size=32, lr_pilot=2e-3, lr_copilot=2e-3, warmup_steps=30, ckpt_every=100, log_every=10,
@@ -60,6 +61,25 @@ class ExperimentConfig:
             keep_log=True, log_steps=8, log_topk=8, log_pooled_dtype="int8",
         )
     )
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a run trains and evaluates on: ``"auto"`` is CUDA when present, else the CPU.
+
+    Under torchrun each process takes ``cuda:LOCAL_RANK`` (what ``init_distributed`` made current).
+    """
+    if name not in DEVICES:
+        raise ValueError(f"device: expected one of {DEVICES}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device: expected 'cpu' or 'auto' on a machine without CUDA, got 'cuda'")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def build_pilot(vocab_size: int, cfg: ExperimentConfig, pad_token_id: int):
@@ -94,12 +114,13 @@ def _load_or_train(name: str, cfg: ExperimentConfig, tok, examples, with_copilot
     torch.manual_seed(cfg.seed)
     pilot = build_pilot(tok.vocab_size, cfg, tok.pad_token_id)
     copilot = Copilot.from_pilot(pilot, num_hidden_layers=cfg.copilot_layers) if with_copilot else None
-    model = TransformerCopilot(pilot, copilot)
+    device = resolve_device(cfg.device)
+    model = TransformerCopilot(pilot, copilot).to(device)
     rank, world = dist_info()
     done = os.path.exists(os.path.join(pilot_dir, "config.json"))
     barrier()  # several processes: every rank has looked before rank 0 writes
     if done:
-        return load_run_model(out_dir), None
+        return load_run_model(out_dir, device), None
     trainer = Trainer(model, examples, cfg.train, out_dir, pad_token_id=tok.pad_token_id, progress=progress)
     trainer.train()
     if world == 1:
@@ -115,19 +136,21 @@ def _load_or_train(name: str, cfg: ExperimentConfig, tok, examples, with_copilot
                 copilot.save_pretrained(os.path.join(out_dir, "copilot"), **_gathered(state, "copilot."))
         barrier()
         if sharded and rank == 0:  # evaluate an unsharded copy
-            model = load_run_model(out_dir)
+            model = load_run_model(out_dir, device)
     times = trainer.step_times[3:] or trainer.step_times
     return model, (statistics.median(times) if times else None)
 
 
-def load_run_model(model_dir: str) -> TransformerCopilot:
-    """Load ``pilot/`` (and ``copilot/`` when present) of a finished run directory."""
+def load_run_model(model_dir: str, device: str | torch.device = "cpu") -> TransformerCopilot:
+    """Load ``pilot/`` (and ``copilot/`` when present) of a finished run directory onto ``device``."""
     from transformers import AutoModelForCausalLM
 
     pilot = AutoModelForCausalLM.from_pretrained(os.path.join(model_dir, "pilot"))
     cdir = os.path.join(model_dir, "copilot")
     copilot = Copilot.from_pretrained(cdir) if os.path.isdir(cdir) else None
-    return TransformerCopilot(pilot, copilot)
+    if not isinstance(device, torch.device):
+        device = resolve_device(device) if device in DEVICES else torch.device(device)
+    return TransformerCopilot(pilot, copilot).to(device)
 
 
 def evaluation_grid(cfg: ExperimentConfig, pilot_only, joint, tok, test, progress: bool) -> list[dict]:
@@ -175,13 +198,15 @@ def sign_test(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
     return up, down, p
 
 
-def write_report(cfg: ExperimentConfig, rows, times, sizes, wall: float) -> str:
+def write_report(cfg: ExperimentConfig, rows, times, sizes, wall: float, device: torch.device | None = None) -> str:
     base = rows[0]
+    device = device or resolve_device(cfg.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [
         "# tcopilot main job: tiny Pilot with and without a Copilot",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}. "
+        f"torch {torch.__version__}, device {where}. "
         f"Wall time of the whole job: {wall:.0f} s.",
         "",
         f"Task: generated arithmetic word problems (train {cfg.n_train} items from the train templates, "
@@ -260,4 +285,4 @@ def run_experiment(cfg: ExperimentConfig | None = None, progress: bool = True) -
     return report
 
 
-__all__ = ["ExperimentConfig", "run_experiment", "load_run_model", "build_pilot", "sign_test"]
+__all__ = ["ExperimentConfig", "run_experiment", "load_run_model", "build_pilot", "sign_test", "resolve_device"]
