@@ -12,6 +12,18 @@ from tcopilot.pilot import pilot_states, positions_from_mask, run_base, shift_la
 VOCAB = 97
 
 
+def left_padded_prompts(batch: int = 3, length: int = 6, vocab: int = VOCAB, seed: int = 0, low: int = 1):
+    """``(input_ids, attention_mask)`` [batch, length] of random ids in ``[low, vocab)``, left-padded with id 0:
+    row 1 has 2 pad positions and row 2 has 4 (so ``batch >= 3`` and ``length > 4``), row 0 none."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, n_pad in ((1, 2), (2, 4)):
+        mask[row, :n_pad] = 0
+        ids[row, :n_pad] = 0
+    return ids, mask
+
+
 def tiny_pilot(family: str = "llama", vocab: int = VOCAB, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 

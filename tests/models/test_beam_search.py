@@ -7,20 +7,13 @@ from tcopilot import TransformerCopilot
 from tcopilot.beam_search import beam_log_probs
 from tcopilot.generate import reorder_pilot_cache
 from tcopilot.pilot import pilot_states, positions_from_mask, run_base
-from tcopilot.testing import tiny_pair
+from tcopilot.testing import left_padded_prompts, tiny_pair
 
 PAD = 1
 
 
 def _prompts(B=3, L=6, vocab=97, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, vocab, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[1, :2] = 0
-    ids[1, :2] = 0
-    mask[2, :4] = 0
-    ids[2, :4] = 0
-    return ids, mask
+    return left_padded_prompts(B, L, vocab, seed, low=2)
 
 
 def _eos_that_hits(model, ids, mask, k, steps, lam=0.0, fusion="probs"):

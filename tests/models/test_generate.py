@@ -3,18 +3,11 @@ import torch
 
 from tcopilot import TransformerCopilot, rectified_next_token
 from tcopilot.pilot import pilot_states, positions_from_mask, run_base
-from tcopilot.testing import tiny_pair
+from tcopilot.testing import left_padded_prompts, tiny_pair
 
 
 def _prompts(B=3, L=6, vocab=97, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.long)
-    mask[1, :2] = 0
-    ids[1, :2] = 0
-    mask[2, :4] = 0
-    ids[2, :4] = 0
-    return ids, mask
+    return left_padded_prompts(B, L, vocab, seed, low=1)
 
 
 def naive_generate(model, ids, mask, steps, lam, fusion):
