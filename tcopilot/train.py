@@ -39,6 +39,9 @@ moving the model to ``cuda:LOCAL_RANK``). What each piece means with ``W`` ranks
   ``grad_accum`` and the gradient averaging divides by ``W``, so the Copilot trains on the mean of the
   ``grad_accum * W`` micro-batch RMSEs: exactly one process with ``grad_accum * W`` accumulation steps (the
   same rows in the same micro-batches), not one process with ``grad_accum``.
+- **Gradient accumulation**: gradients cross ranks once per step, after the last micro-batch (DDP: ``no_sync``
+  before it; FSDP2: ``set_requires_gradient_sync(False)``, so each rank holds its unsharded gradient sum until
+  the last micro-batch's reduce-scatter: more memory per rank, ``grad_accum`` times less traffic).
 - **Logs**: ``pilot_loss`` is the all-reduced sum of the ranks' shares (the global token mean),
   ``copilot_loss`` the all-reduced mean of the ranks' values, ``tokens`` the global count; gradient norms are
   those of the full gradients (DDP: replicated after the all-reduce; FSDP2: DTensor norms, reduced), so per-model
@@ -500,15 +503,16 @@ class Trainer:
             rows = cfg.batch_size // world
             batch = {k: v[self.rank * rows : (self.rank + 1) * rows] for k, v in batch.items()}
         micro = cfg.batch_size // (cfg.grad_accum * world)
-        p_sum, c_sum = 0.0, 0.0
+        # detached running sums, read once after the loop: no host sync between micro-batches
+        p_sum = torch.zeros((), dtype=torch.float64, device=self._device)
+        c_sum = torch.zeros_like(p_sum)
         log = self.mistake_log
         if log is not None:
             log.next_step = self.step + 1
         for k in range(cfg.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
-            # DDP: all-reduce once, after the last micro-batch
-            last_micro = k == cfg.grad_accum - 1
-            with contextlib.nullcontext() if self._ddp is None or last_micro else self._ddp.no_sync():
+            # reduce gradients across ranks once, after the last micro-batch
+            with self._gradient_sync(last_micro=k == cfg.grad_accum - 1):
                 out = self._net(
                     batch["input_ids"][sl].to(self._device),
                     attention_mask=batch["attention_mask"][sl].to(self._device),
@@ -519,9 +523,10 @@ class Trainer:
                 loss = out.pilot_loss if world == 1 else out.pilot_loss * world
                 if out.copilot_loss is not None:
                     loss = loss + out.copilot_loss / cfg.grad_accum
-                    c_sum += float(out.copilot_loss.detach()) / cfg.grad_accum
+                    c_sum += out.copilot_loss.detach().double() / cfg.grad_accum
                 loss.backward()
-            p_sum += float(out.pilot_loss.detach())
+            p_sum += out.pilot_loss.detach().double()
+        p_sum, c_sum = float(p_sum), float(c_sum)
         stats = log.step_stats(self.step + 1) if log is not None else None
         if world > 1:
             p_sum, c_sum, stats = self._reduce_logs(p_sum, c_sum, stats, log is not None)
@@ -531,6 +536,17 @@ class Trainer:
         if stats is not None:
             rec.update(error_mass=stats["err_mass"], topk_residual=stats["residual"], log_bytes=log.nbytes)
         return rec
+
+    def _gradient_sync(self, last_micro: bool):
+        """Context for one micro-batch's forward and backward: with several ranks, gradients are reduced
+        only in the last one (DDP: ``no_sync`` before it; FSDP2: ``set_requires_gradient_sync(False)``, which
+        keeps the unsharded gradients locally and reduce-scatters their sum once)."""
+        if self._fsdp:
+            self.model.set_requires_gradient_sync(last_micro)
+            return contextlib.nullcontext()
+        if self._ddp is None or last_micro:
+            return contextlib.nullcontext()
+        return self._ddp.no_sync()
 
     def _reduce_logs(self, p_sum: float, c_sum: float, stats: dict | None, with_log: bool):
         """All-reduce the step's logged values: the Pilot's shares summed (the global token mean), the

@@ -17,6 +17,7 @@ One ``mp.spawn`` runs every distributed phase (spawning costs more than the step
    ``g=1`` both sums have two terms and the runs agree to rounding, steps included.
 4. FSDP2, ``g=1``: 2 of 4 steps, checkpoint at step 2 (gathered weights and Adam moments; resumed by one process).
 5. FSDP2, ``g=1``: resumes the reference's ``checkpoint-2`` (every rank keeps its shard) and finishes.
+6. FSDP2, ``g=2`` (gradient sync off for the first micro-batch): as 3, the gathered gradients.
 """
 
 from __future__ import annotations
@@ -102,6 +103,15 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
         tr = _trainer(os.path.join(root, "fsdp_resume"), distributed="fsdp2")
         tr.train()
         out["fsdp_resume"] = _state(tr)
+
+        tr = _trainer(os.path.join(root, "fsdp_accum"), distributed="fsdp2", grad_accum=2, ckpt_every=0)
+        synced = []  # per micro-batch: the reduce-scatter flags of every FSDP2 unit (set before its forward)
+        tr.model.register_forward_pre_hook(lambda m, args: synced.append(sorted(
+            {g.reduce_grads for u in m.modules() if hasattr(u, "_get_fsdp_state")
+             for g in u._get_fsdp_state()._fsdp_param_groups})))
+        out["fsdp_accum"] = tr.accumulate_gradients()
+        out["fsdp_accum_grads"] = {n: p.grad.full_tensor() for n, p in tr.model.named_parameters()}
+        out["fsdp_accum_synced"] = synced
         if rank == 0:
             torch.save(out, os.path.join(root, "states.pt"))
         else:
@@ -200,6 +210,12 @@ def test_fsdp2_steps_and_checkpoints(runs, tmp_path):
     tr.train()
     _close(_state(tr), runs["ref4"])
     _close(states["fsdp_resume"], runs["ref4"])
+    # grad_accum=2 on each rank, reduce-scatter after the second micro-batch only = one process with 4
+    rec, grads = runs["accum"]
+    assert states["fsdp_accum_synced"] == [[False], [True]]
+    for key in ("pilot_loss", "copilot_loss", "error_mass", "topk_residual"):
+        assert states["fsdp_accum"][key] == pytest.approx(rec[key], rel=1e-6), key
+    _close(states["fsdp_accum_grads"], grads, rtol=1e-5, atol=1e-8)
 
 
 CLI_ARGS = ["--steps", "2", "--batch-size", "8", "--n-train", "32", "--n-test", "4", "--pilot-layers", "1",
