@@ -355,7 +355,7 @@ def test_sharded_dtensor_weight_is_rejected(monkeypatch):
 def test_api_never_reads_dot_data():
     """``.data`` bypasses autograd and breaks FSDP-style parameter wrappers: none of the op's modules use it."""
     root = pathlib.Path(__file__).resolve().parents[2] / "tcopilot" / "kernels" / "logit_capture"
-    for name in ("api.py", "torch_impl.py", "triton_impl.py"):
+    for name in sorted(p.name for p in root.glob("*.py")):  # every module of the op, new ones included
         src = (root / name).read_text()
         assert not re.search(r"[\w)\]]\.data\b", src), name
 
@@ -379,3 +379,18 @@ def test_compile_dynamic_shapes_and_symbolic_options():
             grads.append((out.detach(), hh.grad, ww.grad, vv.grad))
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want)
+
+
+def test_compile_num_items_int_changing_between_calls():
+    """A Python-int ``num_items_in_batch`` that changes between calls becomes a symbol under torch.compile
+    (the Trainer passes one per step): the graph must not break, and a bad value is still refused."""
+
+    def loss_of(h, w, y, n):
+        return logit_capture(h, w, y, num_items_in_batch=n, impl="torch").loss
+
+    compiled = torch.compile(loss_of, backend="eager", fullgraph=True)
+    h, w, y, _, _ = _inputs(0)
+    for n in (7, 5, 11):
+        torch.testing.assert_close(compiled(h, w, y, n), loss_of(h, w, y, n))
+    with pytest.raises(ValueError, match="num_items_in_batch: expected a finite number > 0"):
+        compiled(h, w, y, 0)

@@ -21,8 +21,9 @@ from tcopilot._validation import (
     resolve_impl,
 )
 
+from .autograd import acc_dtype, capture_grads, mean_denom, save_capture, without_autocast
 from .capture import Capture
-from .torch_impl import capture_bwd_torch, capture_fwd_torch, logit_capture_torch, no_autocast
+from .torch_impl import capture_bwd_torch, capture_fwd_torch, logit_capture_torch
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int32, torch.int64)
@@ -102,6 +103,10 @@ def _check_num_items(num_items_in_batch, reduction: str):
             value = num_items_in_batch.item()
     else:
         value = num_items_in_batch
+    if torch.compiler.is_compiling() and isinstance(value, (torch.SymInt, torch.SymFloat, int, float)):
+        # torch.compile traces a Python number that changes between calls as a symbol, and math.isfinite
+        # cannot be traced: the op checks the value when it runs (as for a tensor).
+        value = 1
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value) or value <= 0:
         raise ValueError(f"num_items_in_batch: expected a finite number > 0, got {value!r}")
@@ -310,16 +315,13 @@ _BWD_SCHEMA = (
 )
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launchers(impl: str):
+    """The forward / backward launchers of ``impl``, run with autocast off (as in the eager Functions)."""
     if impl == "triton":
         from .triton_impl import capture_bwd_triton, capture_fwd_triton
 
-        return capture_fwd_triton, capture_bwd_triton
-    return capture_fwd_torch, capture_bwd_torch
+        return without_autocast(capture_fwd_triton), without_autocast(capture_bwd_triton)
+    return without_autocast(capture_fwd_torch), without_autocast(capture_bwd_torch)
 
 
 @torch.library.custom_op("tcopilot::logit_capture_fwd", mutates_args=(), schema=_FWD_SCHEMA)
@@ -334,10 +336,9 @@ def _capture_fwd_op(
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"num_items_in_batch: expected a finite number > 0, got {value!r}")
     fwd, _ = _launchers(impl)
-    with no_autocast(hidden.device):
-        loss, lse, p_t, p_sq, p_v, ids, top, den = fwd(
-            hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl
-        )
+    loss, lse, p_t, p_sq, p_v, ids, top, den = fwd(
+        hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl
+    )
     n = hidden.shape[0]
     if p_v is None:
         p_v = lse.new_empty((n, 0))
@@ -351,7 +352,7 @@ def _capture_fwd_op(
 @_capture_fwd_op.register_fake
 def _(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl):
     n = hidden.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     vec = hidden.new_empty((n,), dtype=acc)
     loss = vec.new_empty((n,) if reduction == "none" else ())
     k = values.shape[1] if values is not None else 0
@@ -391,25 +392,24 @@ def _capture_bwd_op(
     """``(d_hidden, d_weight, d_values)``; an empty ``[0]`` tensor for a gradient not asked for."""
     _, bwd = _launchers(impl)
     values_meta = ((weight.shape[0], values_cols), values_dtype) if g_p_values is not None else None
-    with no_autocast(hidden.device):
-        dh, dw, dv = bwd(
-            hidden,
-            weight,
-            labels,
-            lse,
-            token_weights,
-            denom,
-            g_loss,
-            g_p_values,
-            values_meta,
-            need_hidden=need_hidden,
-            need_weight=need_weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            softcap=softcap,
-            label_smoothing=ls,
-            z_loss=zl,
-        )
+    dh, dw, dv = bwd(
+        hidden,
+        weight,
+        labels,
+        lse,
+        token_weights,
+        denom,
+        g_loss,
+        g_p_values,
+        values_meta,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
+        label_smoothing=ls,
+        z_loss=zl,
+    )
     dh = dh if dh is not None else hidden.new_empty((0,))
     dw = dw if dw is not None else weight.new_empty((0,))
     dv = dv if dv is not None else lse.new_empty((0,))
@@ -431,46 +431,41 @@ def _(hidden, weight, labels, lse, token_weights, denom, g_loss, g_p_values, val
 def _capture_setup(ctx, inputs, output):
     hidden, weight, labels, values, token_weights, _, ignore_index, reduction, _, softcap, ls, zl, impl = inputs
     _, lse, p_t, p_sq, _, ids, top, den = output
-    ctx.save_for_backward(hidden, weight, labels, lse, token_weights, den)
-    ctx.cfg = (ignore_index, reduction, softcap, ls, zl, impl)
-    ctx.values_meta = (values.shape[1], values.dtype) if values is not None else None
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(lse, p_t, p_sq, ids, top, den)
+    # ls / zl are floats by the schema: unlike the eager Functions, no float() (it could specialise a SymFloat).
+    cfg = dict(
+        ignore_index=ignore_index, reduction=reduction, softcap=softcap, label_smoothing=ls, z_loss=zl, impl=impl
+    )
+    save_capture(ctx, (hidden, weight, labels, lse, token_weights, den), values, (lse, p_t, p_sq, ids, top, den), cfg)
 
 
 def _capture_backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_p_values, _g_ids, _g_top, _g_den):
-    hidden, weight, labels, lse, token_weights, den = ctx.saved_tensors
-    ignore_index, reduction, softcap, ls, zl, impl = ctx.cfg
-    need_h, need_w, _, need_v = ctx.needs_input_grad[:4]
-    if g_loss is None:
-        need_h = need_w = False
-    if not need_v or ctx.values_meta is None:
-        g_p_values = None
-    if not (need_h or need_w or g_p_values is not None):
-        return (None,) * 13
-    cols, v_dtype = ctx.values_meta if ctx.values_meta is not None else (0, None)
-    dh, dw, dv = torch.ops.tcopilot.logit_capture_bwd(
+    return capture_grads(ctx, g_loss, g_p_values, _bwd_through_op)
+
+
+def _bwd_through_op(hidden, weight, labels, lse, token_weights, denom, g_loss, g_p_values, values_meta, **kw):
+    """The backward launcher of the compiled graph: the ``logit_capture_bwd`` op, whose absent gradients are
+    empty tensors (:func:`capture_grads` drops them)."""
+    cols, v_dtype = (values_meta[0][1], values_meta[1]) if values_meta is not None else (0, None)
+    return torch.ops.tcopilot.logit_capture_bwd(
         hidden,
         weight,
         labels,
         lse,
         token_weights,
-        den,
-        g_loss if (need_h or need_w) else None,
+        denom,
+        g_loss,
         g_p_values,
         cols,
         v_dtype,
-        need_h,
-        need_w,
-        ignore_index,
-        reduction,
-        softcap,
-        ls,
-        zl,
-        impl,
+        kw["need_hidden"],
+        kw["need_weight"],
+        kw["ignore_index"],
+        kw["reduction"],
+        kw["softcap"],
+        kw["label_smoothing"],
+        kw["z_loss"],
+        kw["impl"],
     )
-    dv = dv if g_p_values is not None else None
-    return (dh if need_h else None, dw if need_w else None, None, dv) + (None,) * 9
 
 
 _capture_fwd_op.register_autograd(_capture_backward, setup_context=_capture_setup)
@@ -478,10 +473,7 @@ _capture_fwd_op.register_autograd(_capture_backward, setup_context=_capture_setu
 
 def _capture_op(hidden, weight, labels, values, impl, *, num_items_in_batch, token_weights, **kw) -> Capture:
     """The compiled-graph form of :func:`logit_capture` (validated arguments; ``impl`` resolved)."""
-    acc = _acc_dtype(hidden.dtype)
-    denom = None
-    if num_items_in_batch is not None and kw["reduction"] == "mean":
-        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(acc).reshape(())
+    denom = mean_denom(num_items_in_batch, kw["reduction"], hidden)
     out = torch.ops.tcopilot.logit_capture_fwd(
         hidden,
         weight,

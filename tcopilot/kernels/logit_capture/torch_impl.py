@@ -13,11 +13,9 @@ Math runs in fp32 (fp64 when the inputs are fp64), whatever the storage dtype; f
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch.autograd.function import once_differentiable
 
+from .autograd import acc_dtype, capture_methods, mean_denom, reduce_rows, row_grads
 from .capture import Capture
 
 # Elements of one chunk's logits: 2**22 fp32 values = 16 MiB, small next to any real model yet large enough
@@ -28,10 +26,6 @@ CHUNK_ELEMENTS = 1 << 22
 def default_chunk_size(vocab_size: int) -> int:
     """Rows per chunk such that ``rows * vocab_size <= 2**22`` (at least one row)."""
     return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _topk_lowest_id(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,20 +57,6 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, cd: torch.dtype) -> torch.Te
     return h.to(cd) @ w.T
 
 
-def no_autocast(device: torch.device):
-    """A context in which autocast is off for ``device``'s type (a no-op when it is off already).
-
-    The capture's math is fp32 (fp64) by design, in its own chunked GEMMs: inside a user's
-    ``torch.autocast`` region those GEMMs would otherwise be recast to fp16/bf16. :mod:`.api` casts the
-    inputs like a matmul would *before* the op; forward and backward then run with autocast off.
-    """
-    try:
-        enabled = torch.is_autocast_enabled(device.type)
-    except (TypeError, RuntimeError):  # torch < 2.4 (no device argument) or a device type without autocast
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False) if enabled else contextlib.nullcontext()
-
-
 def capture_fwd_torch(
     hidden,
     weight,
@@ -99,7 +79,7 @@ def capture_fwd_torch(
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    cd = _compute_dtype(hidden.dtype)
+    cd = acc_dtype(hidden.dtype)
     dev = hidden.device
     eps = float(label_smoothing)
     chunk = int(chunk_size) if chunk_size else default_chunk_size(vocab)
@@ -150,18 +130,7 @@ def capture_fwd_torch(
         row = (1.0 - eps) * row + eps * (lse - z_mean)
     if z_loss:
         row = row + z_loss * lse * lse
-    if token_weights is not None:
-        row = row * token_weights.detach().to(cd)
-    row = torch.where(counted, row, torch.zeros_like(row))
-
-    if denom is None:
-        denom = counted.sum().clamp(min=1).to(cd)
-    if reduction == "none":
-        loss = row
-    elif reduction == "sum":
-        loss = row.sum()
-    else:
-        loss = row.sum() / denom
+    loss, denom = reduce_rows(row, counted, token_weights, denom, reduction)
     return loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits, denom
 
 
@@ -191,7 +160,7 @@ def capture_bwd_torch(
     upstream gradients of ``loss`` / ``p_values`` or ``None``; ``values_meta`` ``(shape, dtype)`` of
     ``values`` or ``None``.
     """
-    cd = _compute_dtype(hidden.dtype)
+    cd = acc_dtype(hidden.dtype)
     eps = float(label_smoothing)
     z_loss = float(z_loss)
     vocab = weight.shape[0]
@@ -209,17 +178,7 @@ def capture_bwd_torch(
 
     d_hidden = d_weight = d_values = None
     if do_loss:
-        g = g_loss.to(cd)
-        if reduction == "none":
-            coef = g
-        elif reduction == "sum":
-            coef = g.expand(n)
-        else:
-            coef = (g / denom).expand(n)
-        if token_weights is not None:
-            coef = coef * token_weights.detach().to(cd)
-        # where, not a multiply: a NaN upstream gradient on an ignored row must not leak.
-        coef = torch.where(counted, coef, torch.zeros_like(coef))
+        coef = row_grads(g_loss, counted, token_weights, denom, reduction, cd)
         # d row / d z_v = (1 + 2 z_loss lse) p_v - (1 - eps) [v = y] - eps / V
         scale_p = (coef * (1.0 + 2.0 * z_loss * lse))[:, None] if z_loss else coef[:, None]
         hot = (-(1.0 - eps) * coef)[:, None]
@@ -273,77 +232,10 @@ class LogitCaptureTorchFunction(torch.autograd.Function):
     topk_logits)`` with ``None`` for absent outputs. ``denom`` is the "mean" denominator as a 0-d tensor, or
     ``None`` for the number of counted rows. Saved for backward: hidden, weight, labels, lse, token weights
     and the denominator; never anything of size ``N x V``. Forward and backward run with autocast off
-    (:func:`no_autocast`).
+    (:mod:`.autograd`, shared with the Triton path).
     """
 
-    @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        labels,
-        values,
-        token_weights,
-        denom,
-        ignore_index,
-        reduction,
-        topk,
-        softcap,
-        label_smoothing,
-        z_loss,
-        chunk_size,
-    ):
-        with no_autocast(hidden.device):
-            *out, denom = capture_fwd_torch(
-                hidden,
-                weight,
-                labels,
-                values,
-                token_weights,
-                denom,
-                ignore_index,
-                reduction,
-                topk,
-                softcap,
-                label_smoothing,
-                z_loss,
-                chunk_size,
-            )
-        loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits = out
-        ctx.save_for_backward(hidden, weight, labels, lse, token_weights, denom)
-        ctx.cfg = (ignore_index, reduction, softcap, float(label_smoothing), float(z_loss), chunk_size)
-        ctx.values_meta = (values.shape, values.dtype) if values is not None else None
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*[t for t in (lse, p_target, p_sq_sum, topk_ids, topk_logits) if t is not None])
-        return loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_values, _g_ids, _g_tl):
-        hidden, weight, labels, lse, token_weights, denom = ctx.saved_tensors
-        ignore_index, reduction, softcap, eps, z_loss, chunk_size = ctx.cfg
-        need_h, need_w, _, need_v = ctx.needs_input_grad[:4]
-        with no_autocast(hidden.device):
-            dh, dw, dv = capture_bwd_torch(
-                hidden,
-                weight,
-                labels,
-                lse,
-                token_weights,
-                denom,
-                g_loss,
-                g_values if need_v else None,
-                ctx.values_meta,
-                need_hidden=need_h,
-                need_weight=need_w,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                softcap=softcap,
-                label_smoothing=eps,
-                z_loss=z_loss,
-                chunk_size=chunk_size,
-            )
-        return (dh, dw, None, dv) + (None,) * 9
+    forward, backward = capture_methods(capture_fwd_torch, capture_bwd_torch, "chunk_size")
 
 
 def logit_capture_torch(
@@ -364,23 +256,6 @@ def logit_capture_torch(
 ) -> Capture:
     """Chunked pure-PyTorch capture; same arguments as :func:`tcopilot.logit_capture` plus ``chunk_size``
     (rows per chunk; default :func:`default_chunk_size`)."""
-    cd = _compute_dtype(hidden.dtype)
-    denom = None
-    if num_items_in_batch is not None and reduction == "mean":
-        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(cd).reshape(())
-    out = LogitCaptureTorchFunction.apply(
-        hidden,
-        weight,
-        labels,
-        values,
-        token_weights,
-        denom,
-        ignore_index,
-        reduction,
-        int(topk),
-        softcap,
-        label_smoothing,
-        z_loss,
-        chunk_size,
-    )
-    return Capture(*out)
+    denom = mean_denom(num_items_in_batch, reduction, hidden)
+    opts = (ignore_index, reduction, int(topk), softcap, float(label_smoothing), float(z_loss), chunk_size)
+    return Capture(*LogitCaptureTorchFunction.apply(hidden, weight, labels, values, token_weights, denom, *opts))

@@ -101,10 +101,12 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+# _acc_dtype: the launch code's name for it, also imported by name by benchmarks/sm90_compile.py.
+from .autograd import acc_dtype as _acc_dtype
+from .autograd import capture_methods, mean_denom, reduce_rows, row_grads
 from .capture import Capture
-from .torch_impl import _topk_lowest_id, no_autocast
+from .torch_impl import _topk_lowest_id
 
 __all__ = [
     "CaptureTuning",
@@ -370,10 +372,6 @@ def _logit_capture_bwd_kernel(
 
 _HALF = (torch.float16, torch.bfloat16)
 _FP32_OUT_OK: dict[tuple[str, int | None], bool] = {}
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _poison() -> bool:
@@ -755,9 +753,7 @@ def capture_fwd_triton(
     Returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits, denom)`` with ``None`` for
     absent outputs; ``denom`` is the "mean" denominator actually used (0-d, accumulation dtype).
     """
-    acc = _acc_dtype(hidden.dtype)
     lab = labels.to(torch.int64).contiguous()
-    counted = lab != ignore_index
     lse, p_target, p_sq, row, p_values, topk_ids, topk_logits = logit_capture_fwd(
         hidden,
         weight,
@@ -770,20 +766,7 @@ def capture_fwd_triton(
         z_loss=z_loss,
         tuning=tuning,
     )
-    if token_weights is not None:
-        tw = token_weights.detach().to(acc)
-        # where, not a multiply: a NaN/inf weight on an ignored row must not reach the loss.
-        row = torch.where(counted, row * tw, torch.zeros_like(row))
-    if denom is None:
-        denom = counted.sum().clamp(min=1).to(acc)  # all rows ignored: 0 / 1 = 0, never NaN
-    else:
-        denom = denom.to(acc)
-    if reduction == "none":
-        loss = row
-    elif reduction == "sum":
-        loss = row.sum()
-    else:
-        loss = row.sum() / denom
+    loss, denom = reduce_rows(row, lab != ignore_index, token_weights, denom, reduction)
     return loss, lse, p_target, p_sq, p_values, topk_ids, topk_logits, denom
 
 
@@ -815,19 +798,7 @@ def capture_bwd_triton(
     lab = labels.to(torch.int64).contiguous()
     dloss = None
     if g_loss is not None and (need_hidden or need_weight):
-        counted = lab != ignore_index
-        n = hidden.shape[0]
-        g = g_loss.to(lse.dtype)
-        if reduction == "none":
-            coef = g
-        elif reduction == "sum":
-            coef = g.expand(n)
-        else:
-            coef = (g / denom).expand(n)
-        if token_weights is not None:
-            coef = coef * token_weights.detach().to(lse.dtype)
-        # where, not a multiply: a NaN upstream gradient on an ignored row must not leak.
-        dloss = torch.where(counted, coef, torch.zeros_like(coef)).contiguous()
+        dloss = row_grads(g_loss, lab != ignore_index, token_weights, denom, reduction, lse.dtype)
     if values_meta is None:
         g_values = None
     dh, dw, dv = logit_capture_bwd(
@@ -860,74 +831,7 @@ class LogitCaptureFunction(torch.autograd.Function):
     have their own fp32 accumulation; :mod:`.api` casts the inputs for an autocast region).
     """
 
-    @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        labels,
-        values,
-        token_weights,
-        denom,
-        ignore_index,
-        reduction,
-        topk,
-        softcap,
-        label_smoothing,
-        z_loss,
-        tuning,
-    ):
-        with no_autocast(hidden.device):
-            *out, denom = capture_fwd_triton(
-                hidden,
-                weight,
-                labels,
-                values,
-                token_weights,
-                denom,
-                ignore_index,
-                reduction,
-                topk,
-                softcap,
-                label_smoothing,
-                z_loss,
-                tuning,
-            )
-        loss, lse, p_target, p_sq, p_values, topk_ids, topk_logits = out
-        ctx.save_for_backward(hidden, weight, labels, lse, token_weights, denom)
-        ctx.cfg = (ignore_index, reduction, softcap, float(label_smoothing), float(z_loss), tuning)
-        ctx.values_meta = (values.shape, values.dtype) if values is not None else None
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*[t for t in (lse, p_target, p_sq, topk_ids, topk_logits) if t is not None])
-        return loss, lse, p_target, p_sq, p_values, topk_ids, topk_logits
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_pv, _g_ids, _g_tl):
-        hidden, weight, labels, lse, token_weights, denom = ctx.saved_tensors
-        ignore_index, reduction, softcap, eps, z_loss, tuning = ctx.cfg
-        need_h, need_w, _, need_v = ctx.needs_input_grad[:4]
-        with no_autocast(hidden.device):
-            dh, dw, dv = capture_bwd_triton(
-                hidden,
-                weight,
-                labels,
-                lse,
-                token_weights,
-                denom,
-                g_loss,
-                g_pv if need_v else None,
-                ctx.values_meta,
-                need_hidden=need_h,
-                need_weight=need_w,
-                ignore_index=ignore_index,
-                reduction=reduction,
-                softcap=softcap,
-                label_smoothing=eps,
-                z_loss=z_loss,
-                tuning=tuning,
-            )
-        return (dh, dw, None, dv) + (None,) * 9
+    forward, backward = capture_methods(capture_fwd_triton, capture_bwd_triton, "tuning")
 
 
 def logit_capture_triton(
@@ -948,22 +852,6 @@ def logit_capture_triton(
 ) -> Capture:
     """Triton capture; same arguments and result as :func:`tcopilot.logit_capture` (inputs validated there),
     plus ``tuning`` (:class:`CaptureTuning`: chunking and launch parameters, ``None`` = automatic)."""
-    denom = None
-    if num_items_in_batch is not None and reduction == "mean":
-        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(_acc_dtype(hidden.dtype)).reshape(())
-    out = LogitCaptureFunction.apply(
-        hidden,
-        weight,
-        labels,
-        values,
-        token_weights,
-        denom,
-        ignore_index,
-        reduction,
-        int(topk),
-        softcap,
-        float(label_smoothing),
-        float(z_loss),
-        tuning,
-    )
-    return Capture(*out)
+    denom = mean_denom(num_items_in_batch, reduction, hidden)
+    opts = (ignore_index, reduction, int(topk), softcap, float(label_smoothing), float(z_loss), tuning)
+    return Capture(*LogitCaptureFunction.apply(hidden, weight, labels, values, token_weights, denom, *opts))
