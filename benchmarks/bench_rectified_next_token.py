@@ -10,6 +10,16 @@ Modes: ``greedy`` (temperature 0), ``topk_topp`` (temperature 0.8, top-k 50, top
 
 Work model: memory-bound; bytes = one read of ``z`` and ``f`` (``B * V`` each, in their dtype) plus the
 ``B`` token ids written. GPU inputs are bf16 (as an LM head returns them), CPU inputs fp32.
+
+Decode head (group ``rectified_decode_head``): ``tcopilot.rectified_decode_head`` from the hidden states, i.e.
+both LM-head products ``z = h W^T`` and ``f = g A^T + b`` and then the choice (``fusion="probs"``, no
+soft-cap). Providers: ``naive`` (two separate GEMVs, torch matmuls in the weights' dtype, then
+``rectified_next_token(impl="auto")``: the Triton sampler on CUDA), ``torch`` and ``triton``
+(``rectified_decode_head(impl=...)``). Modes ``greedy`` and ``topk_topp``. GPU: V=128256, d = c = 2048
+(a Llama-3.2-1B head and a Copilot head of the same width), bf16, B = 1 and 64 (128: full scope); CPU: V=32000,
+d = c = 256, fp32. Work model (memory-bound): each weight read once (``V * (d + c)`` elements in their dtype),
+the bias and the hidden states once, the ``[B, V]`` fp32 scratch of ``z`` and ``f`` written once and read once
+(``16 * B * V`` bytes), the ``B`` ids written.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from benchutil import (
+    CHECK_TOL,
     DEVICE,
     ON_GPU,
     OneSlot,
@@ -32,7 +43,8 @@ from benchutil import (
     timed_first_call,
 )
 
-from tcopilot import rectified_next_token
+from tcopilot import rectified_decode_head, rectified_next_token
+from tcopilot.kernels.rectified_decode_head.reference import decode_head_logits_reference
 from tcopilot.kernels.rectified_next_token import rectified_probs_reference
 
 LAM = 1.0
@@ -102,11 +114,10 @@ _compiled = None
 INPUTS = OneSlot()
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _release_module_state():
     yield
-    release(INPUTS)
+    release(INPUTS, HEAD_INPUTS)
 
 
 @pytest.mark.parametrize(("shape", "mode", "provider"), _cases())
@@ -146,3 +157,112 @@ def test_rectified_next_token_speed(benchmark, shape: Shape, mode: str, provider
     set_group(benchmark, "rectified_next_token", shape.id, shape.dtype, mode, provider,
               batch=shape.batch, vocab=shape.vocab, **opts)
     run_bench(benchmark, fn, nbytes=nbytes, bound="memory", rounds=30 if ON_GPU else None)
+
+
+# ----------------------------------------------------------------------------------------------- decode head
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    batch: int
+    vocab: int
+    d: int
+    c: int
+    dtype: torch.dtype
+
+    @property
+    def id(self) -> str:
+        return f"B{self.batch}-V{self.vocab}-d{self.d}-c{self.c}"
+
+
+HEAD_CPU_SHAPES = [HeadShape(b, 32000, 256, 256, torch.float32) for b in (1, 8)]
+HEAD_GPU_SHAPES = [HeadShape(b, 128256, 2048, 2048, torch.bfloat16) for b in (1, 64, 128)]
+HEAD_GPU_FULL_ONLY = {s for s in HEAD_GPU_SHAPES if s.batch == 128}
+HEAD_MODES = {k: MODES[k] for k in ("greedy", "topk_topp")}
+HEAD_PROVIDERS = ["naive", "torch", "triton"]
+HEAD_INPUTS = OneSlot()
+
+
+def _head_cases():
+    out = []
+    for gpu, shapes in ((False, HEAD_CPU_SHAPES), (True, HEAD_GPU_SHAPES)):
+        for shape in shapes:
+            for mode in HEAD_MODES:
+                for prov in HEAD_PROVIDERS:
+                    cid = f"head-{shape.id}-{dtype_name(shape.dtype)}-{mode}-{prov}"
+                    out.append(case((shape, mode, prov), id=cid, gpu=gpu, full=shape in HEAD_GPU_FULL_ONLY,
+                                    provider=prov))
+    return out
+
+
+def make_head_inputs(shape: HeadShape):
+    """Hidden states, both heads, the bias, and the fp32 reference products (for the checks, untimed)."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, device=DEVICE, generator=g) * scale).to(shape.dtype)
+
+    h = randn(shape.batch, shape.d)
+    w = randn(shape.vocab, shape.d, scale=3.0 / shape.d**0.5)  # Pilot logits of std ~3
+    gc = randn(shape.batch, shape.c)
+    a = randn(shape.vocab, shape.c, scale=1e-4 / shape.c**0.5)  # a small correction, both signs
+    b = randn(shape.vocab, scale=1e-5)
+    z_ref, f_ref = decode_head_logits_reference(h, w, gc, a, b)
+    return (h, w, gc, a, b), (z_ref, f_ref)
+
+
+def two_gemvs_then_sample(h, w, gc, a, b, **opts):
+    """The unfused way: both products as torch matmuls in the weights' dtype, then the sampler."""
+    z = h @ w.t()
+    f = torch.addmm(b, gc, a.t())
+    return rectified_next_token(z, f, lam=LAM, fusion="probs", impl="auto", **opts)
+
+
+def head_bytes(shape: HeadShape) -> int:
+    """The byte model of one call (module docstring): weights, bias and hidden states once, the scratch."""
+    elt = torch.finfo(shape.dtype).bits // 8
+    weights = shape.vocab * (shape.d + shape.c) * elt
+    small = shape.vocab * elt + shape.batch * (shape.d + shape.c) * elt + 8 * shape.batch
+    scratch = 2 * shape.batch * shape.vocab * 4 * 2  # z and f, fp32, written once and read once
+    return weights + small + scratch
+
+
+@pytest.mark.parametrize(("shape", "mode", "provider"), _head_cases())
+def test_rectified_decode_head_speed(benchmark, shape: HeadShape, mode: str, provider: str):
+    opts = HEAD_MODES[mode]
+    args, (z_ref, f_ref) = HEAD_INPUTS.get(shape, lambda: make_head_inputs(shape))
+    if provider == "naive":
+        fn = lambda: two_gemvs_then_sample(*args, **opts)  # noqa: E731
+    else:
+        if provider == "triton":
+            need_triton("rectified_next_token")  # the head's Triton path ends in that op's kernel
+            try:
+                import tcopilot.kernels.rectified_decode_head.triton_impl  # noqa: F401
+            except Exception as err:
+                pytest.skip(f"Triton kernel for rectified_decode_head not importable: {type(err).__name__}: {err}")
+        fn = lambda: rectified_decode_head(*args, lam=LAM, fusion="probs", impl=provider, **opts)  # noqa: E731
+
+    # Correctness first, untimed, against the fp32 reference products. Ours: greedy is the reference's token,
+    # a sampled token lies in the support of the reference distribution. The naive way rounds z and f to the
+    # weights' dtype: its greedy token must score within that rounding of the best, its samples lie in the
+    # support before top-k / top-p (whose boundary the rounding moves).
+    tokens = fn()
+    if mode == "greedy":
+        fused = torch.softmax(z_ref, dim=-1) + LAM * f_ref
+        if provider == "naive":
+            gap = fused.max(dim=-1).values - fused.gather(1, tokens[:, None]).squeeze(1)
+            tol = CHECK_TOL[shape.dtype] * fused.abs().amax(dim=-1)
+            assert bool((gap <= tol).all()), "naive: greedy tokens score below the reference's best"
+        else:
+            assert torch.equal(tokens, fused.argmax(dim=-1)), f"{provider}: greedy tokens differ from the reference"
+        del fused
+    else:
+        ref_opts = dict(opts) if provider != "naive" else dict(opts, top_k=0, top_p=1.0)
+        probs = rectified_probs_reference(z_ref, f_ref, lam=LAM, **ref_opts)
+        picked = probs.gather(1, tokens[:, None])
+        assert bool((picked > 0).all()), f"{provider}: sampled a token outside the reference's support"
+        del probs
+
+    set_group(benchmark, "rectified_decode_head", shape.id, shape.dtype, mode, provider, batch=shape.batch,
+              vocab=shape.vocab, d=shape.d, c=shape.c, **opts)
+    run_bench(benchmark, fn, nbytes=head_bytes(shape), bound="memory", rounds=30 if ON_GPU else None)

@@ -5,7 +5,8 @@ import torch
 
 from tcopilot.kernels.rectified_decode_head import rectified_decode_head, rectified_decode_head_reference
 from tcopilot.kernels.rectified_decode_head.reference import decode_head_logits_reference
-from tcopilot.kernels.rectified_next_token import rectified_next_token_reference
+from tcopilot.kernels.rectified_decode_head.triton_impl import _config, decode_head_products_triton
+from tcopilot.kernels.rectified_next_token import rectified_next_token, rectified_next_token_reference
 
 
 def _inputs(B=5, d=24, c=40, V=300, seed=0, bias=True, dtype=torch.float32):
@@ -123,3 +124,125 @@ def test_fp16_and_mixed_dtype_inputs_triton_greedy_match_reference():
         mixed = (h, w.bfloat16(), gc, a.bfloat16(), b)
         assert torch.equal(rectified_decode_head(*mixed, fusion=fusion, impl="triton"),
                            rectified_decode_head_reference(*mixed, fusion=fusion))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton path: the products kernel (grid over vocabulary x row blocks, [B, V] fp32 scratch) and the Triton
+# sampler on that scratch. Sizes are odd on purpose: V=203 fills no BLOCK_V=64 tile, d=37 and c=45 no
+# BLOCK_K=32 slice, and B=19 spans two BLOCK_B=16 row blocks in the interpreter.
+# ---------------------------------------------------------------------------------------------------------
+
+ODD = dict(d=37, c=45, V=203)
+
+
+def _strided(t):
+    """The same values in a view whose row stride is not its row length (and not contiguous)."""
+    wide = torch.full((t.shape[0], t.shape[1] + 7), float("nan"), dtype=t.dtype)
+    wide[:, 3:3 + t.shape[1]] = t
+    view = wide[:, 3:3 + t.shape[1]]
+    assert not view.is_contiguous() and view.stride(0) == t.shape[1] + 7
+    return view
+
+
+def _tol(dtype):
+    # the products of 16-bit values are exact in fp32: only the summation order differs from the reference
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, "mixed"])
+@pytest.mark.parametrize("B", [1, 5, 19])
+def test_triton_products_equal_reference(dtype, B):
+    h, w, gc, a, b = _inputs(B=B, **ODD, dtype=torch.float32 if dtype == "mixed" else dtype)
+    if dtype == "mixed":  # fp32 hidden states against 16-bit weights: cast in registers, no copy
+        w, a = w.bfloat16(), a.half()
+    for bias, softcap in ((b, None), (None, 2.0)):
+        z, f = decode_head_products_triton(h, w, gc, a, bias, softcap)
+        z_ref, f_ref = decode_head_logits_reference(h, w, gc, a, bias, softcap)
+        assert z.dtype == f.dtype == torch.float32 and z.shape == f.shape == (B, 203)
+        torch.testing.assert_close(z, z_ref, **_tol(h.dtype))
+        torch.testing.assert_close(f, f_ref, **_tol(h.dtype))
+    # a bigger row block (what the CUDA table picks for B > 16) and one of a single K slice
+    for cfg in (dict(BLOCK_B=32, BLOCK_V=32, BLOCK_K=64), dict(BLOCK_B=16, BLOCK_V=128, BLOCK_K=16)):
+        z, f = decode_head_products_triton(h, w, gc, a, b, 3.0, config=dict(cfg, num_warps=4, num_stages=1))
+        z_ref, f_ref = decode_head_logits_reference(h, w, gc, a, b, 3.0)
+        torch.testing.assert_close(z, z_ref, **_tol(h.dtype))
+        torch.testing.assert_close(f, f_ref, **_tol(h.dtype))
+
+
+def test_triton_products_strided_rows_are_bitwise_equal():
+    h, w, gc, a, b = _inputs(B=5, **ODD)
+    z, f = decode_head_products_triton(h, w, gc, a, b, 2.0)
+    zs, fs = decode_head_products_triton(_strided(h), _strided(w), _strided(gc), _strided(a), b, 2.0)
+    assert torch.equal(z, zs) and torch.equal(f, fs)
+    # column-strided (transposed storage) weights read the same values too
+    zt, ft = decode_head_products_triton(h, w.t().contiguous().t(), gc, a.t().contiguous().t(), b, 2.0)
+    assert torch.equal(z, zt) and torch.equal(f, ft)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fusion", ["probs", "logits"])
+@pytest.mark.parametrize("B", [1, 5, 19])
+def test_triton_greedy_equals_reference_odd_sizes(dtype, fusion, B):
+    h, w, gc, a, b = _inputs(B=B, **ODD, dtype=dtype)
+    a = a * 8  # f of std ~1, so the Copilot also moves argmax(z + lam f) of a single row
+    lam_rows = torch.linspace(0.0, 2.0, B)
+    changed = False
+    for bias, softcap, lam in ((b, None, 1.0), (None, 2.0, lam_rows), (b, 3.0, torch.tensor(0.5))):
+        kw = dict(fusion=fusion, softcap=softcap)
+        ref = rectified_decode_head_reference(h, w, gc, a, bias, lam=lam, **kw)
+        out = rectified_decode_head(h, w, gc, a, bias, lam=lam, impl="triton", **kw)
+        assert out.dtype == torch.int64 and torch.equal(out, ref)
+        changed |= not torch.equal(ref, rectified_decode_head_reference(h, w, gc, a, bias, lam=0.0, **kw))
+    assert changed, "the Copilot changes no greedy token: the test is vacuous"
+
+
+@pytest.mark.parametrize("fusion", ["probs", "logits"])
+@pytest.mark.parametrize("B", [1, 5, 19])
+def test_triton_sampling_draws_like_the_triton_sampler(fusion, B):
+    # the head's tokens are rectified_next_token(z_ref, f_ref, impl="triton")'s for the same generator state,
+    # with top-k / top-p, per-row lambdas, a bias and a soft-cap
+    h, w, gc, a, b = _inputs(B=B, **ODD)
+    z_ref, f_ref = decode_head_logits_reference(h, w, gc, a, b, 2.5)
+    lam = torch.linspace(0.5, 1.5, B)
+    draws = []
+    all_opts = (dict(temperature=0.9), dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=1.3, top_p=0.6))
+    # B=19 is there for the products' second row block; the sampler's filters (slow in the interpreter, one
+    # program per row) are covered by the smaller batches
+    for opts in all_opts[:1] if B > 16 else all_opts:
+        kw = dict(lam=lam, fusion=fusion, **opts)
+        for seed in (7, 8):
+            out = rectified_decode_head(h, w, gc, a, b, softcap=2.5, impl="triton",
+                                        generator=torch.Generator().manual_seed(seed), **kw)
+            ref = rectified_next_token(z_ref, f_ref, impl="triton", generator=torch.Generator().manual_seed(seed),
+                                       **kw)
+            assert torch.equal(out, ref)
+            draws.append(out)
+    assert len({tuple(d.tolist()) for d in draws}) > 1, "every draw is the same: the test is vacuous"
+
+
+def test_triton_strided_inputs_give_the_same_tokens():
+    h, w, gc, a, b = _inputs(B=5, **ODD)
+    strided = (_strided(h), _strided(w), _strided(gc), _strided(a), b)
+    for kw in (dict(fusion="probs"), dict(fusion="logits", softcap=2.0, lam=torch.linspace(0, 2, 5)),
+               dict(fusion="probs", temperature=0.8, top_k=10, top_p=0.9)):
+        sampled = "temperature" in kw
+        gen = (lambda: dict(generator=torch.Generator().manual_seed(3))) if sampled else dict
+        ref = rectified_decode_head(h, w, gc, a, b, impl="triton", **gen(), **kw)
+        assert torch.equal(rectified_decode_head(*strided, impl="triton", **gen(), **kw), ref)
+        if not sampled:
+            assert torch.equal(ref, rectified_decode_head_reference(h, w, gc, a, b, **kw))
+
+
+def test_triton_config_table():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # the table only reads the device kind
+    # decode, 16-bit weights: one row block up to B=64, so every weight tile is read by one program
+    for bsz, block_b in ((1, 16), (5, 16), (17, 32), (64, 64), (128, 64)):
+        cfg = _config(cuda, bsz, True, 2)
+        assert cfg["BLOCK_B"] == block_b and cfg["BLOCK_B"] % 16 == 0  # tl.dot's minimum
+        assert cfg["num_warps"] == (8 if block_b == 64 else 4)
+        smem = cfg["num_stages"] * cfg["BLOCK_K"] * (cfg["BLOCK_V"] + cfg["BLOCK_B"]) * 2
+        assert 3 <= cfg["num_stages"] <= 4 and smem <= 96 * 1024
+    assert -(-128256 // _config(cuda, 1, True, 2)["BLOCK_V"]) >= 4 * 132  # programs at B=1 vs an H100's SMs
+    cast = _config(cuda, 64, False, 4)  # fp32 / mixed: fp32 tiles in registers
+    assert cast["BLOCK_B"] == 32 and cast["BLOCK_K"] == 32 and cast["num_warps"] == 8
+    assert _config(cpu, 64, True, 2)["BLOCK_B"] == 16  # the interpreter keeps small tiles (B=19: two blocks)

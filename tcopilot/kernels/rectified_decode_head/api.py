@@ -32,7 +32,7 @@ def rectified_decode_head(
     softcap: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Next token [B] int64 from the final hidden states of the Pilot and the Copilot, without ``[B, V]`` logits.
+    """Next token [B] int64 from the final hidden states of the Pilot and the Copilot (both LM-head products).
 
     Equals ``rectified_next_token(z, f, ...)`` (see it for fusion, greedy, sampling and tie rules) with
     ``z = pilot_hidden @ lm_head^T`` (then ``softcap * tanh(z / softcap)`` when ``softcap`` is set, Gemma-2
@@ -40,11 +40,16 @@ def rectified_decode_head(
     inputs cast to fp32 (the oracle: ``rectified_decode_head_reference``).
 
     Implementations:
-        ``"torch"``: the products tile by tile over V; greedy keeps a running argmax (``fusion="probs"``: a
-            first pass for the log-sum-exp of ``z``), so no ``[B, V]`` tensor; sampling materialises ``z``
-            and ``f`` and draws exactly as ``rectified_next_token(impl="torch")`` (same generator use).
-        ``"triton"``: greedy is one kernel (``tl.dot`` tiles, at most two passes over V, nothing of size V
-            written); sampling materialises ``z`` and ``f`` and calls ``rectified_next_token(impl="triton")``.
+        ``"torch"``: the products tile by tile over V (fp32 copies of one tile of the weights at a time);
+            greedy keeps a running argmax (``fusion="probs"``: a first pass for the log-sum-exp of ``z``), so
+            no ``[B, V]`` tensor; sampling materialises ``z`` and ``f`` and draws exactly as
+            ``rectified_next_token(impl="torch")`` (same generator use). Meant for the CPU.
+        ``"triton"``: one kernel over (vocabulary blocks x row blocks) writes ``z`` and ``f`` to a ``[B, V]``
+            fp32 scratch, reading each weight once in its own dtype (``tl.dot``, fp32 accumulation), then
+            ``rectified_next_token(impl="triton")``'s kernel picks the token from it, greedy or sampled, with
+            that op's tokens and generator use. At decode the scratch (``8 * B * V`` bytes, 1 MB per row at
+            V=128k) is small next to the weights (2 x 525 MB for a 128k x 2048 bf16 head and Copilot head),
+            and it lets hundreds of programs share the vocabulary even at B=1 (see ``triton_impl.py``).
         ``"auto"``: Triton on CUDA tensors, PyTorch otherwise.
     Greedy results equal the reference's up to fp32 rounding ties (different summation orders).
     :func:`tcopilot.generate` picks its tokens with this op (``num_beams=1``, Copilot in use, plain LM head;

@@ -1,143 +1,174 @@
 """Triton ``rectified_decode_head`` (semantics: ``api``; oracle: ``reference.py``).
 
-Greedy decoding (``temperature == 0``) is one launch, one program per block of ``BLOCK_B`` rows, walking
-the vocabulary in tiles of ``BLOCK_V`` tokens; each tile's products ``z = h @ W^T`` and ``f = g @ A^T + b``
-are ``tl.dot`` tiles accumulated in fp32 over the hidden sizes, so nothing of size V is written:
+Two launches:
 
-* pass 1 (``fusion="probs"`` only; the Pilot's head only): online max / sum-exp of ``z`` per row;
-* pass 2 (both heads): ``exp(z - lse) + lam * f`` (or ``z + lam * f``) and a running argmax per row (ties:
-  lowest id).
+1. **Products** (``_decode_head_products_kernel``): a 1-D grid over (vocabulary blocks x row blocks); each
+   program computes its ``[BLOCK_B, BLOCK_V]`` tiles of both ``z = h @ W^T`` (soft-capped) and
+   ``f = g @ A^T + b`` with ``tl.dot`` over ``BLOCK_K`` slices of the hidden sizes, fp32 accumulation, and
+   writes them to a ``[B, V]`` fp32 scratch each.
+2. **Choice**: ``rectified_next_token_triton`` (one program per row) on that scratch, for greedy decoding and
+   sampling alike, so tokens, tie rules, fallbacks and the use of ``generator`` are exactly those of
+   ``rectified_next_token(z, f, impl="triton")``.
 
-So the Copilot costs one extra read of ``error_out`` (and ``fusion="probs"`` a second read of ``lm_head``).
-fp32 inputs use ``input_precision="ieee"`` (no TF32), so the products equal the reference's up to the
-summation order. Sampling (``temperature > 0``) is not fused yet: ``z`` and ``f`` are materialised tile by
-tile as in the PyTorch path and handed to ``rectified_next_token(impl="triton")``.
+Why a scratch: at decode the weights dominate the bytes. With V=128256 and d = c = 2048 in bf16 the two
+heads are 2 x 525 MB; the scratch is ``2 * B * V * 4`` bytes, 1 MB per row, written once and read twice
+(``fusion="logits"``) or three times (``"probs"``) by a greedy choice: 0.25% of the weights' bytes at B=1,
+16% at B=64 (sampling with top-k / top-p re-reads it in its threshold searches, as ``rectified_next_token``
+does with any ``z`` and ``f``). What the scratch buys is
+parallelism: the products are split over ~1000 vocabulary blocks (hundreds of programs even at B=1, so
+every SM streams weights), and each weight byte is read exactly once per call, whereas a kernel that picks
+the token without writing ``z`` and ``f`` must reduce over the whole vocabulary inside one program per row
+block (1-4 SMs at decode) or combine per-block partial results in a second pass anyway.
+
+Weights are read in their own dtype and never copied: two 16-bit operands of equal dtype go straight into
+``tl.dot`` (tensor cores, fp32 accumulation; the products of 16-bit values are exact in fp32, so only the
+summation order differs from the fp32 reference). Anything else (fp32 anywhere, mixed dtypes, fp64, and
+bf16 under the CPU interpreter, whose numpy ``dot`` has no bf16) is cast to fp32 in registers, tile by
+tile, and multiplied with ``input_precision="ieee"`` (no TF32). Rows of the hidden states and of the weights
+may have any strides (``generate`` passes ``hidden[:, -1]`` views).
+
+Programs of the same vocabulary block are adjacent in the launch order (row block fastest), so when B is
+larger than ``BLOCK_B`` the re-reads of a weight tile by the other row blocks come from L2, not HBM.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
-from ..rectified_next_token.api import rectified_next_token
-from .torch_impl import rectified_decode_head_torch
+from ..rectified_next_token.triton_impl import rectified_next_token_triton
 
 
 @triton.jit
-def _tile_dot(x_ptr, w_ptr, rows, cols, n_rows, n_cols, K, stride_x, stride_w,
-              BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """fp32 [BLOCK_B, BLOCK_V] tile of ``x[rows] @ w[cols]^T`` (masked rows/cols read as 0)."""
+def _head_tile(x_ptr, w_ptr, rows, cols, n_rows, n_cols, K, sx0, sx1, sw0, sw1,
+               BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 [BLOCK_B, BLOCK_V] tile of ``x[rows] @ w[cols]^T`` (masked rows / cols read as 0)."""
     acc = tl.zeros((BLOCK_B, BLOCK_V), dtype=tl.float32)
+    x_rows = x_ptr + rows[:, None] * sx0
+    w_rows = w_ptr + cols[:, None] * sw0
+    row_ok = rows[:, None] < n_rows
+    col_ok = cols[:, None] < n_cols
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                    mask=(rows[:, None] < n_rows) & (ks[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                    mask=(cols[:, None] < n_cols) & (ks[None, :] < K), other=0.0)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        k_ok = ks[None, :] < K
+        x = tl.load(x_rows + ks[None, :] * sx1, mask=row_ok & k_ok, other=0.0)
+        w = tl.load(w_rows + ks[None, :] * sw1, mask=col_ok & k_ok, other=0.0)
+        if NATIVE:  # equal 16-bit dtypes: tensor cores, fp32 accumulation
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:  # cast in registers (the weights stay as they are in memory); no TF32
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
     return acc
 
 
 @triton.jit
-def _decode_head_greedy_kernel(
-    h_ptr, w_ptr, g_ptr, a_ptr, b_ptr, lam_ptr, out_ptr,
-    B, V, D, C, stride_h, stride_w, stride_g, stride_a, softcap,
-    HAS_BIAS: tl.constexpr, PROBS: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+def _decode_head_products_kernel(
+    h_ptr, w_ptr, g_ptr, a_ptr, b_ptr, z_ptr, f_ptr,
+    B, V, D, C, s_h0, s_h1, s_w0, s_w1, s_g0, s_g1, s_a0, s_a1, softcap,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, Z_NATIVE: tl.constexpr, F_NATIVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0)
-    m = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_B,), tl.float32)
-    lse = tl.zeros((BLOCK_B,), tl.float32)
-    if PROBS:
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            z = _tile_dot(h_ptr, w_ptr, rows, cols, B, V, D, stride_h, stride_w, BLOCK_B, BLOCK_V, BLOCK_K, IEEE)
-            if SOFTCAP:
-                t = z / softcap
-                z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * t)) - 1.0)  # softcap * tanh(z / softcap)
-            z = tl.where(cols[None, :] < V, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-            s = s * alpha + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-            m = m_new
-        lse = m + tl.log(s)
-    best = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    best_id = tl.zeros((BLOCK_B,), tl.int64)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        z = _tile_dot(h_ptr, w_ptr, rows, cols, B, V, D, stride_h, stride_w, BLOCK_B, BLOCK_V, BLOCK_K, IEEE)
-        if SOFTCAP:
-            t = z / softcap
-            z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * t)) - 1.0)
-        f = _tile_dot(g_ptr, a_ptr, rows, cols, B, V, C, stride_g, stride_a, BLOCK_B, BLOCK_V, BLOCK_K, IEEE)
-        if HAS_BIAS:
-            f += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-        if PROBS:
-            fused = tl.exp(z - lse[:, None]) + lam[:, None] * f
-        else:
-            fused = z + lam[:, None] * f
-        fused = tl.where(cols[None, :] < V, fused, float("-inf"))
-        val = tl.max(fused, axis=1)
-        idx = tl.argmax(fused, axis=1, tie_break_left=True).to(tl.int64) + v0
-        better = (val > best) | (v0 == 0)
-        best = tl.where(better, val, best)
-        best_id = tl.where(better, idx, best_id)
-    tl.store(out_ptr + rows, best_id, mask=row_ok)
+    n_row_blocks = tl.cdiv(B, BLOCK_B)
+    # row block fastest: the programs sharing a weight tile run side by side (L2 reuse when B > BLOCK_B)
+    pid_b = pid % n_row_blocks
+    pid_v = pid // n_row_blocks
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)  # int64: V * stride can pass 2**31
+    out = rows[:, None].to(tl.int64) * V + cols[None, :]
+    out_ok = (rows[:, None] < B) & (cols[None, :] < V)
+
+    z = _head_tile(h_ptr, w_ptr, rows, cols, B, V, D, s_h0, s_h1, s_w0, s_w1, BLOCK_B, BLOCK_V, BLOCK_K,
+                   Z_NATIVE)
+    if SOFTCAP:  # softcap * tanh(z / softcap), written with exp (tanh = 2 / (1 + exp(-2t)) - 1)
+        z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * (z / softcap))) - 1.0)
+    tl.store(z_ptr + out, z, mask=out_ok)
+
+    f = _head_tile(g_ptr, a_ptr, rows, cols, B, V, C, s_g0, s_g1, s_a0, s_a1, BLOCK_B, BLOCK_V, BLOCK_K,
+                   F_NATIVE)
+    if HAS_BIAS:
+        f += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    tl.store(f_ptr + out, f, mask=out_ok)
 
 
-def _config(device: torch.device) -> tuple[int, int, int, int]:
-    # (BLOCK_B, BLOCK_V, BLOCK_K, num_warps). Not tuned on a GPU yet.
-    return (16, 128, 64, 4) if device.type == "cuda" else (16, 64, 32, 4)
+# Tile sizes per device kind and dot kind ("native": equal 16-bit operands; "cast": fp32 in registers). Not
+# tuned on a GPU yet; they follow from bytes and parallelism, and were checked by compiling for sm_90 without a
+# GPU (Triton's ptxas: shared memory, registers, spills; benchmarks/sm90_compile.py's method):
+# * BLOCK_V 128: V=128256 gives 1002 vocabulary blocks, ~7.6 programs per SM of an H100 (132 SMs) at B=1,
+#   enough to keep every SM streaming weights. Each program re-reads its rows of h and g (from L2, not HBM):
+#   that L2 traffic is (V / BLOCK_V) * B * (d + c) * elt bytes, half the weights' bytes at B=64, so a larger
+#   BLOCK_V is the first thing to try when tuning large batches.
+# * BLOCK_B: 16 is tl.dot's minimum; it grows with B up to 64 (native) so that up to B=64 every weight tile is
+#   read by one program only (M=64 also gets Hopper's wgmma). Beyond, the row blocks of a vocabulary block run
+#   side by side (launch order) and share the weight tile through L2; B=128 is then a small GEMM.
+# * BLOCK_K 64 and 4 warps (8 at BLOCK_B=64: 255 registers and spills with 4, 144 with 8, bias + soft-cap).
+#   num_stages: as many pipelined K slices (at most 4) as fit in ~96 KiB of shared memory (16-bit weights:
+#   3-4 stages of 18-25 KiB), within Hopper's and Ampere's limits.
+# * cast (fp32, mixed dtypes: an edge case, no tensor cores): the fp32 copies of the tiles live in registers,
+#   so BLOCK_K 32, BLOCK_B at most 32 and 8 warps (fp32 h against a bf16 W spilled 1.3 KiB at B64/K32, 20 B
+#   at B32).
+_CUDA_CFG = {
+    True: dict(block_v=128, block_k=64, max_block_b=64, smem_budget=96 * 1024, max_stages=4),
+    False: dict(block_v=128, block_k=32, max_block_b=32, smem_budget=96 * 1024, max_stages=4),
+}
+# The interpreter runs programs one after another in numpy: small tiles keep the tests' odd sizes (V, d, c
+# not multiples of a block, B above one row block) covered at a few programs each.
+_INTERP_CFG = dict(block_v=64, block_k=32, max_block_b=16, smem_budget=96 * 1024, max_stages=1)
+
+
+def _config(device: torch.device, bsz: int, native: bool, elt_bytes: int) -> dict:
+    """Launch parameters for ``bsz`` rows, the dot kind and weights of ``elt_bytes`` bytes per element."""
+    cfg = _CUDA_CFG[native] if device.type == "cuda" else _INTERP_CFG
+    block_b = min(max(16, triton.next_power_of_2(bsz)), cfg["max_block_b"])
+    stage = cfg["block_k"] * (cfg["block_v"] + block_b) * elt_bytes
+    stages = max(1, min(cfg["max_stages"], cfg["smem_budget"] // stage))
+    warps = 4 if native and block_b <= 32 else 8
+    return dict(BLOCK_B=block_b, BLOCK_V=cfg["block_v"], BLOCK_K=cfg["block_k"], num_warps=warps,
+                num_stages=stages)
+
+
+def _native(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``tl.dot`` takes the tiles as loaded: equal 16-bit dtypes (bf16 not in the CPU interpreter)."""
+    if x.dtype != w.dtype or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return x.dtype == torch.float16 or x.device.type == "cuda"
+
+
+def decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias=None,
+                                softcap=None, *, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, f)``, both [B, V] fp32 (the scratch), from validated inputs in one launch (``config``: tests)."""
+    bsz, d = pilot_hidden.shape
+    vocab, c = lm_head.shape[0], copilot_hidden.shape[1]
+    device = pilot_hidden.device
+    z = torch.empty(bsz, vocab, dtype=torch.float32, device=device)
+    f = torch.empty_like(z)
+    h, w, g, a = pilot_hidden, lm_head, copilot_hidden, error_out_weight
+    z_native, f_native = _native(h, w), _native(g, a)
+    elt = max(t.element_size() for t in (h, w, g, a))
+    cfg = dict(config) if config is not None else _config(device, bsz, z_native and f_native, elt)
+    grid = (triton.cdiv(bsz, cfg["BLOCK_B"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
+    # [V], negligible next to the weights; z stands in (unread) when there is no bias
+    b = error_out_bias.contiguous() if error_out_bias is not None else z
+    # Triton launches on the current CUDA device: make it the inputs' one
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        _decode_head_products_kernel[grid](
+            h, w, g, a, b, z, f, bsz, vocab, d, c, *h.stride(), *w.stride(), *g.stride(), *a.stride(),
+            float(softcap or 1.0), HAS_BIAS=error_out_bias is not None, SOFTCAP=bool(softcap),
+            Z_NATIVE=z_native, F_NATIVE=f_native, **cfg,
+        )
+    return z, f
 
 
 def rectified_decode_head_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, *, lam,
                                  fusion, temperature, top_k, top_p, generator, softcap):
-    """[B] int64 on validated inputs; ``lam`` is a float or a [B] fp32 tensor."""
-    if temperature > 0:
-        z = torch.empty(pilot_hidden.shape[0], lm_head.shape[0], dtype=torch.float32, device=pilot_hidden.device)
-        f = torch.empty_like(z)
-        # reuse the tiled products of the PyTorch path, then the Triton sampler
-        from .torch_impl import BLOCK_V, _f_tile, _z_tile
-
-        h, g = pilot_hidden.float(), copilot_hidden.float()
-        for lo in range(0, z.shape[1], BLOCK_V):
-            hi = min(lo + BLOCK_V, z.shape[1])
-            z[:, lo:hi] = _z_tile(h, lm_head, lo, hi, softcap)
-            f[:, lo:hi] = _f_tile(g, error_out_weight, error_out_bias, lo, hi)
-        return rectified_next_token(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, generator=generator, impl="triton")
-    bsz, d = pilot_hidden.shape
-    vocab, c = lm_head.shape[0], copilot_hidden.shape[1]
-    h, w = pilot_hidden.contiguous(), lm_head.contiguous()
-    g, a = copilot_hidden.contiguous(), error_out_weight.contiguous()
-    b = error_out_bias.contiguous() if error_out_bias is not None else h
-    if isinstance(lam, torch.Tensor):
-        lam_t = lam.to(device=h.device, dtype=torch.float32).reshape(-1).expand(bsz).contiguous()
-    else:
-        lam_t = torch.full((bsz,), float(lam), dtype=torch.float32, device=h.device)
-    out = torch.empty(bsz, dtype=torch.int64, device=h.device)
-    block_b, block_v, block_k, warps = _config(h.device)
-    ieee = h.dtype == torch.float32 or w.dtype == torch.float32
-    # tl.dot wants equal operand dtypes, at most fp32; Triton's CPU interpreter computes bf16 dots wrongly
-    # (numpy has no bf16), so CPU tensors go through fp32 there
-    interp_bf16 = h.device.type != "cuda" and torch.bfloat16 in (h.dtype, w.dtype, g.dtype, a.dtype)
-    if h.dtype != w.dtype or g.dtype != a.dtype or torch.float64 in (h.dtype, g.dtype) or interp_bf16:
-        h, w, g, a = h.float(), w.float(), g.float(), a.float()
-        ieee = True
-    _decode_head_greedy_kernel[(triton.cdiv(bsz, block_b),)](
-        h, w, g, a, b, lam_t, out, bsz, vocab, d, c, h.stride(0), w.stride(0), g.stride(0), a.stride(0),
-        float(softcap or 1.0), HAS_BIAS=error_out_bias is not None, PROBS=fusion == "probs",
-        SOFTCAP=bool(softcap), IEEE=ieee, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=warps,
-    )
-    return out
+    """[B] int64 on validated inputs; ``lam`` is a float or a [B] (or 0-d) tensor."""
+    z, f = decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias,
+                                       softcap)
+    # api.rectified_decode_head has validated every option (lam's values included): no second host sync
+    return rectified_next_token_triton(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, generator=generator, validate=False)
 
 
-__all__ = ["rectified_decode_head_triton", "rectified_decode_head_torch"]
+__all__ = ["decode_head_products_triton", "rectified_decode_head_triton"]
