@@ -172,6 +172,7 @@ _TRITON_MODULES = {
     "logit_capture": "tcopilot.kernels.logit_capture.triton_impl",
     "log_attention": "tcopilot.kernels.log_attention.triton_impl",
     "rectified_next_token": "tcopilot.kernels.rectified_next_token.triton_impl",
+    "rectified_decode_head": "tcopilot.kernels.rectified_decode_head.triton_impl",
 }
 
 
