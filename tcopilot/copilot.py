@@ -100,7 +100,7 @@ class CopilotConfig(PretrainedConfig):
             num_key_value_heads=getattr(pilot_config, "num_key_value_heads", None) or heads,
             pilot_hidden_size=hidden,
             intermediate_size=getattr(pilot_config, "intermediate_size", None),
-            rms_norm_eps=getattr(pilot_config, "rms_norm_eps", 1e-6),
+            rms_norm_eps=getattr(pilot_config, "rms_norm_eps", None) or 1e-6,  # None in e.g. Cohere2-MoE's config
         )
         kwargs.update(overrides)
         if kwargs["hidden_size"] != hidden and "num_attention_heads" not in overrides:

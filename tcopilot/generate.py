@@ -12,8 +12,9 @@ Picking the token (``num_beams=1``) takes one of two paths:
   ``lm_head.weight``, the Copilot's ``g`` and ``error_out``'s weight and bias (greedy decoding then never
   holds a ``[B, V]`` tensor; sampling materialises ``z`` and ``f`` inside it and draws as below). Taken when
   the Copilot is used (``lam != 0``), the LM head is a plain ``nn.Linear`` without bias or hooks whose
-  weight sits on ``h``'s device (so ``_pilot_logits(h)`` is ``h @ W^T``, soft-capped when the Pilot's config
-  sets ``final_logit_softcapping``, which the head does too), ``error_out`` is a plain ``nn.Linear``, and
+  weight sits on ``h``'s device (so ``_pilot_logits(h)`` is ``(s h) @ W^T`` with the Pilot's output-logit scale
+  ``s``, which is passed in through ``h``, soft-capped when the Pilot's config sets ``final_logit_softcapping``,
+  which the head does too), ``error_out`` is a plain ``nn.Linear``, and
   ``impl`` is ``"torch"`` / ``"triton"``, or ``"auto"`` with CUDA tensors;
 * otherwise the materialised path: ``z = _pilot_logits(h)`` and ``f = error_out(g)`` as ``[B, V]`` tensors,
   then :func:`tcopilot.rectified_next_token`. This is what ``impl="auto"`` runs on the CPU (the simplest
@@ -41,9 +42,15 @@ from tcopilot.pilot import pilot_backbone, pilot_states, positions_from_mask, ru
 
 
 def _pilot_logits(model, hidden_last: torch.Tensor) -> torch.Tensor:
-    """The Pilot's next-token logits ``[rows, V]`` fp32: its LM head, then Gemma-2 soft-capping if configured."""
+    """The Pilot's next-token logits ``[rows, V]`` fp32, as its ``*ForCausalLM`` forms them: its LM head, times the
+    family's output scale if any (Cohere, Granite, ...: :func:`tcopilot.pilot.pilot_logit_scale`), then Gemma-2
+    soft-capping if configured. The scale multiplies the head's output, which is exact whatever the head is (a bias,
+    a PEFT wrapper); the ``[rows, V]`` tensor exists here anyway."""
     w = model.pilot.get_output_embeddings()
     z = w(hidden_last).float()
+    scale = model.logit_scale
+    if scale is not None:
+        z = z * scale
     cap = model.softcap
     if cap:
         z = cap * torch.tanh(z / cap)
@@ -174,6 +181,13 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
                 eos_token_ids=eos_ids, pad_token_id=int(pad))
 
 
+# Families whose Hugging Face ``generate`` passes no attention mask after the prompt (their
+# ``prepare_inputs_for_generation``, transformers 5.24): these state-space models use the mask only to zero the
+# states of padded positions, a decode step's new token is never padding, and a [B, L + t] mask would be broadcast
+# against its one position.
+_DECODE_WITHOUT_MASK = ("mamba", "falcon_mamba", "mamba2")
+
+
 class _PairDecoder:
     """Decoding state of the Pilot + Copilot pair (Algorithm 2), one row per sequence (or per beam).
 
@@ -189,6 +203,7 @@ class _PairDecoder:
         self.base = pilot_backbone(model.pilot)
         self.copilot = model.copilot if use_copilot else None
         self.h, self._z = None, None
+        self.mask_on_decode = getattr(model.pilot.config, "model_type", None) not in _DECODE_WITHOUT_MASK
 
     @property
     def z(self) -> torch.Tensor:
@@ -224,8 +239,8 @@ class _PairDecoder:
         new_pos = self.cur_pos[:, None]
         states = self.states
         states.reset()
-        hidden, self.cache = run_base(self.base, tokens[:, None], self.mask, new_pos.clamp(min=0),
-                                      cache=self.cache, use_cache=True)
+        hidden, self.cache = run_base(self.base, tokens[:, None], self.mask if self.mask_on_decode else None,
+                                      new_pos.clamp(min=0), cache=self.cache, use_cache=True)
         self.h, self._z = hidden[:, -1], None
         if self.use_copilot:
             fed = (self.g.float() @ self.m_mat + self.m_vec).to(self.wdtype)[:, None]  # error_in(f_prev)
@@ -370,10 +385,13 @@ def generate(
         dec.prefill(input_ids, attention_mask)
         head = _decode_head_weights(model, dec, impl)
         softcap = model.softcap or None
+        scale = model.logit_scale
         for step in range(max_new_tokens):
             if head is not None:  # fused: no [B, V] logits for greedy decoding
+                # the Pilot's output scale enters through h: (s h) W^T = s (h W^T) for this bias-free head
+                h = dec.h if scale is None else dec.h * scale
                 nxt = rectified_decode_head(
-                    dec.h, head[0], dec.g, head[1], head[2], lam=lam, fusion=fusion, temperature=temperature,
+                    h, head[0], dec.g, head[1], head[2], lam=lam, fusion=fusion, temperature=temperature,
                     top_k=top_k, top_p=top_p, generator=generator, softcap=softcap, impl=impl,
                 )
             else:

@@ -65,6 +65,15 @@ class PilotStates:
                 f"pilot: saw {self._count} of {len(self.layers)} decoder layer outputs; "
                 "was the Pilot run inside PilotStates?"
             )
+        if self._sum.dim() != 3 or self.x_tilde is None or self.x_tilde.shape != self._sum.shape:
+            # e.g. Gemma-3n's AltUp stack carries [streams, batch, length, hidden]: which stream is "the" state of
+            # the Mistake Log is a modelling choice, not something to guess
+            raise ValueError(
+                f"pilot: expected its decoder layers to take and return hidden states [batch, length, hidden], got "
+                f"input {None if self.x_tilde is None else tuple(self.x_tilde.shape)} and output "
+                f"{tuple(self._sum.shape)} ({type(self.layers[0]).__name__}); the Mistake Log cannot be read from "
+                "this architecture: use it as a Pilot alone (copilot=None, no mistake_log)"
+            )
         return self._sum / self._count
 
     def _pre_hook(self, module, args, kwargs):
@@ -123,6 +132,83 @@ def pilot_backbone(pilot: nn.Module) -> nn.Module:
             )
         pilot = pilot.get_base_model()
     return pilot.base_model
+
+
+# Causal LMs that scale their LM head's output, by ``config.model_type``: ``(config attribute, divides)``, the logits
+# being ``lm_head(h) / value`` when ``divides`` else ``lm_head(h) * value`` (before any soft-capping), or None for a
+# family whose Hugging Face model ignores the attribute. Keyed by family, not by attribute name, because the same
+# name means opposite things: Granite divides its logits by ``logits_scaling``, HyperCLOVAX multiplies them by it,
+# MiniCPM3 divides the last hidden state by it (the same logits for its bias-free head). Read in transformers 5.24's
+# ``*ForCausalLM.forward``; add an entry for a family not listed here.
+LOGIT_SCALE_RULES: dict[str, tuple[str, bool] | None] = {
+    "cohere": ("logit_scale", False),
+    "cohere2": ("logit_scale", False),
+    "cohere2_moe": ("logit_scale", False),
+    "cohere_compass_text": ("logit_scale", False),
+    "granite": ("logits_scaling", True),
+    "granite_swa": ("logits_scaling", True),
+    "granitemoe": ("logits_scaling", True),
+    "granitemoe_swa": ("logits_scaling", True),
+    "granitemoehybrid": ("logits_scaling", True),
+    "granitemoeshared": ("logits_scaling", True),
+    "minicpm3": ("logits_scaling", True),
+    "hyperclovax": ("logits_scaling", False),
+    "falcon_h1": ("lm_head_multiplier", False),
+    "mpt": None,  # MptConfig.logit_scale comes from MosaicML's own code; MptForCausalLM does not apply it
+}
+# The attributes above: a family missing from LOGIT_SCALE_RULES whose config sets one of them to something other
+# than 1 is refused, since which way (or whether) it scales cannot be guessed from the name.
+_LOGIT_SCALE_ATTRIBUTES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def pilot_logit_scale(config) -> float | None:
+    """The factor ``s`` of a Pilot's logits ``z = s * lm_head(h)`` (soft-capping, if any, comes after), from its
+    config (see ``LOGIT_SCALE_RULES``); None when ``s`` is 1.
+
+    Every path that forms the Pilot's logits applies it: training (:class:`TransformerCopilot`), decoding
+    (:func:`tcopilot.generate.generate`'s materialised logits and its fused decode head) and hence beam search.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type in LOGIT_SCALE_RULES:
+        rule = LOGIT_SCALE_RULES[model_type]
+        value = getattr(config, rule[0], None) if rule is not None else None
+        if value is None:  # e.g. CohereCompass: no scale configured
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"pilot: expected config.{rule[0]} to be a number > 0 ({model_type}), got {value!r}")
+        scale = 1.0 / value if rule[1] else float(value)
+        return None if scale == 1.0 else scale
+    for attr in _LOGIT_SCALE_ATTRIBUTES:
+        value = getattr(config, attr, None)
+        if value is not None and value != 1:
+            raise ValueError(
+                f"pilot: its config (model_type={model_type!r}) sets {attr}={value!r}, an output-logit scale of a "
+                f"family tcopilot does not know, so whether it multiplies or divides the logits is unknown; register "
+                f"it with tcopilot.pilot.LOGIT_SCALE_RULES[{model_type!r}] = ({attr!r}, divides) (or None when the "
+                "model ignores it) before building the TransformerCopilot"
+            )
+    return None
+
+
+def lm_head_operands(lm_head: nn.Module, hidden: torch.Tensor, scale: float | None):
+    """``(hidden', weight')`` whose product ``hidden' @ weight'^T`` is the Pilot's logits ``scale * lm_head(hidden)``,
+    for the fused ops, which read a weight instead of calling the head (``hidden`` is ``[N, d]``).
+
+    The scale goes into the hidden state: ``(s h) W^T = s (h W^T)`` exactly, with the gradients of ``h`` and ``W``
+    unchanged and no ``[N, V]`` tensor. A bias ``b`` (Phi, GPT-J, CodeGen) is folded in as one more feature:
+    ``[s h, s] [W, b]^T = s (h W^T + b)``, so ``b`` gets its gradient too. The fold costs a copy of the head into a
+    ``[V, d+1]`` tensor (and of its gradient back into ``W`` and ``b``) per forward, about the size of the LM head
+    weight in memory and traffic, plus a ``[N, d+1]`` copy of the hidden states; bias-free heads pay nothing.
+    """
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if scale is not None:
+        hidden = hidden * scale
+    if bias is not None:
+        col = torch.full((hidden.shape[0], 1), 1.0 if scale is None else scale, dtype=hidden.dtype,
+                         device=hidden.device)
+        hidden = torch.cat([hidden, col], dim=1)
+        weight = torch.cat([weight, bias.to(weight.dtype)[:, None]], dim=1)
+    return hidden, weight
 
 
 def _check_lm_head(pilot: nn.Module) -> None:
@@ -243,6 +329,7 @@ class TransformerCopilot(nn.Module):
         self.mistake_log = mistake_log
         find_decoder_layers(pilot)  # fail early with a clear message
         _check_lm_head(pilot)
+        pilot_logit_scale(pilot.config)  # an unknown logit scale, too
         if copilot is not None:
             vocab = pilot.get_output_embeddings().weight.shape[0]
             if copilot.config.vocab_size != vocab:
@@ -261,6 +348,11 @@ class TransformerCopilot(nn.Module):
     @property
     def softcap(self) -> float | None:
         return getattr(self.pilot.config, "final_logit_softcapping", None)
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The Pilot's output-logit factor (:func:`pilot_logit_scale`), applied before ``softcap``."""
+        return pilot_logit_scale(self.pilot.config)
 
     def forward(self, input_ids, attention_mask=None, labels=None, ignore_index: int = IGNORE_INDEX,
                 num_items_in_batch: int | None = None) -> CopilotOutput:
@@ -287,9 +379,10 @@ class TransformerCopilot(nn.Module):
         replaying = record and self.log_mode == "replay" and self.copilot is not None
         vocab = lm_head.weight.shape[0]
         values = self.copilot.capture_values() if self.copilot is not None and not replaying else None
+        head_in, head_w = lm_head_operands(lm_head, hidden.reshape(bsz * length, -1), self.logit_scale)
         cap = logit_capture(
-            hidden.reshape(bsz * length, -1),
-            lm_head.weight,
+            head_in,
+            head_w,
             flat_target,
             values,
             ignore_index=ignore_index,
@@ -362,4 +455,7 @@ __all__ = [
     "run_base",
     "pilot_backbone",
     "error_embedding",
+    "pilot_logit_scale",
+    "lm_head_operands",
+    "LOGIT_SCALE_RULES",
 ]
