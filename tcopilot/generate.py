@@ -9,8 +9,10 @@ matrix ``M`` computed once per call.
 Picking the token (``num_beams=1``) takes one of two paths:
 
 * the fused decode head, :func:`tcopilot.rectified_decode_head` on the Pilot's last hidden state ``h``,
-  ``lm_head.weight``, the Copilot's ``g`` and ``error_out``'s weight and bias (greedy decoding then never
-  holds a ``[B, V]`` tensor; sampling materialises ``z`` and ``f`` inside it and draws as below). Taken when
+  ``lm_head.weight``, the Copilot's ``g`` and ``error_out``'s weight and bias (its PyTorch path holds no
+  ``[B, V]`` tensor for greedy decoding; its Triton path writes ``z`` and ``f`` to a ``[B, V]`` fp32 scratch in one
+  pass over both weights and picks the token from it with the Triton sampler; either way sampling draws as
+  below). Taken when
   the Copilot is used (``lam != 0``), the LM head is a plain ``nn.Linear`` without bias or hooks whose
   weight sits on ``h``'s device (so ``_pilot_logits(h)`` is ``(s h) @ W^T`` with the Pilot's output-logit scale
   ``s``, which is passed in through ``h``, soft-capped when the Pilot's config sets ``final_logit_softcapping``,
@@ -19,7 +21,8 @@ Picking the token (``num_beams=1``) takes one of two paths:
 * otherwise the materialised path: ``z = _pilot_logits(h)`` and ``f = error_out(g)`` as ``[B, V]`` tensors,
   then :func:`tcopilot.rectified_next_token`. This is what ``impl="auto"`` runs on the CPU (the simplest
   path there), what a Pilot alone or ``lam=0`` runs, and the fallback for any other LM head (a PEFT
-  adapter or ``modules_to_save`` wrapper on it, a bias, a quantised or hooked module).
+  adapter on it, a bias, a quantised or hooked module). PEFT's ``modules_to_save`` wrapper (``lm_head`` trained in
+  full beside LoRA) counts as the plain copy its forward runs.
 
 Both compute the same tokens up to floating-point rounding (the head forms both products in fp32 from
 fp32-cast inputs, the materialised path in the weights' dtype). Beam search always materialises: it needs
@@ -72,6 +75,21 @@ def _plain_linear(module, device: torch.device) -> bool:
     return type(w) in (torch.Tensor, nn.Parameter) and w.dtype in FLOAT_DTYPES and w.device == device
 
 
+def _active_module(module):
+    """The module that ``module(x)`` runs: itself, or for PEFT's ``modules_to_save`` wrapper (``lm_head`` trained
+    in full beside LoRA adapters) the inner copy its forward dispatches to (the adapter's copy, or the original
+    module while adapters are disabled or inactive). None when that cannot be told (hooks on the wrapper itself,
+    several active adapters): the caller then calls the module as it is."""
+    if type(module).__name__ != "ModulesToSaveWrapper" or not hasattr(module, "modules_to_save"):
+        return module
+    if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None:
+        return None
+    active = list(module.active_adapters)
+    if module.disable_adapters or not active or any(a not in module.modules_to_save for a in active):
+        return module.original_module  # the wrapper's pass-through
+    return module.modules_to_save[active[0]] if len(active) == 1 else None
+
+
 def _decode_head_weights(model, dec, impl: str):
     """``(lm_head_weight, error_out_weight, error_out_bias)`` when the fused decode head should pick the
     tokens of this call (see the module docstring for the rule), else None (materialised path)."""
@@ -80,8 +98,8 @@ def _decode_head_weights(model, dec, impl: str):
     device = dec.h.device
     if impl == "auto" and device.type != "cuda":
         return None
-    head, out = model.pilot.get_output_embeddings(), dec.copilot.error_out
-    if not _plain_linear(head, device) or head.bias is not None or not _plain_linear(out, device):
+    head, out = _active_module(model.pilot.get_output_embeddings()), dec.copilot.error_out
+    if head is None or not _plain_linear(head, device) or head.bias is not None or not _plain_linear(out, device):
         return None
     return head.weight, out.weight, out.bias
 
@@ -387,7 +405,7 @@ def generate(
         softcap = model.softcap or None
         scale = model.logit_scale
         for step in range(max_new_tokens):
-            if head is not None:  # fused: no [B, V] logits for greedy decoding
+            if head is not None:  # fused head: both products and the choice in one call
                 # the Pilot's output scale enters through h: (s h) W^T = s (h W^T) for this bias-free head
                 h = dec.h if scale is None else dec.h * scale
                 nxt = rectified_decode_head(

@@ -166,23 +166,41 @@ def test_non_plain_lm_head_falls_back(head_calls, kind, impl):
     assert not torch.equal(ref, before), f"the {kind} head changes no token: the comparison is vacuous"
 
 
-@pytest.mark.parametrize("wrap", ["lora", "modules_to_save"])
-def test_peft_lm_head_falls_back(head_calls, wrap):
+def test_peft_lora_lm_head_falls_back(head_calls):
     peft = pytest.importorskip("peft")
     model = _sharp_pair()
     ids, mask = _prompts()
     kw = dict(attention_mask=mask, max_new_tokens=4, lam=1.0, fusion="probs")
     before = generate(model, ids, impl="auto", **kw)
-    if wrap == "lora":  # set after construction: TransformerCopilot refuses a LoRA head for training
-        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)
-    else:
-        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    # set after construction: TransformerCopilot refuses a LoRA head for training
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)
     model.pilot = peft.get_peft_model(model.pilot, cfg).eval()
     ref = generate(model, ids, impl="auto", **kw)
     out = generate(model, ids, impl="torch", **kw)
     assert head_calls == []
     assert torch.equal(out, ref)
-    if wrap == "lora":
-        assert not torch.equal(ref, before), "the LoRA head changes no token: the comparison is vacuous"
-    else:  # the saved copy starts equal to the head
-        assert torch.equal(ref, before)
+    assert not torch.equal(ref, before), "the LoRA head changes no token: the comparison is vacuous"
+
+
+def test_peft_modules_to_save_head_is_fused(head_calls):
+    """``modules_to_save=["lm_head"]``: the fused head reads the copy the wrapper runs (the trained copy, or
+    the original while adapters are disabled)."""
+    peft = pytest.importorskip("peft")
+    model = _sharp_pair()
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=4, lam=1.0, fusion="probs")
+    before = generate(model, ids, impl="auto", **kw)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model.pilot = peft.get_peft_model(model.pilot, cfg).eval()
+    wrapper = model.pilot.get_output_embeddings()
+    with torch.no_grad():  # the trained copy now differs from the original head
+        wrapper.modules_to_save["default"].weight.mul_(-1.0)
+    ref = generate(model, ids, impl="auto", **kw)
+    out = generate(model, ids, impl="torch", **kw)
+    assert head_calls == ["torch"] * 4
+    assert torch.equal(out, ref)
+    assert not torch.equal(ref, before), "the saved copy changes no token: the comparison is vacuous"
+    head_calls.clear()
+    with model.pilot.disable_adapter():  # the wrapper passes through to the original head
+        assert torch.equal(generate(model, ids, impl="torch", **kw), before)
+    assert head_calls == ["torch"] * 4
