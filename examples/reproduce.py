@@ -47,10 +47,9 @@ from tcopilot.data import (
     load_llm_adapters,
 )
 from tcopilot.experiment import sign_test
-from tcopilot.generate import _pilot_logits
-from tcopilot.kernels.rectified_next_token import rectified_next_token
+from tcopilot.generate import generate_settings
 from tcopilot.loading import freeze_pilot_layers, load_pilot
-from tcopilot.pilot import TransformerCopilot, pilot_backbone, pilot_states, positions_from_mask, run_base
+from tcopilot.pilot import TransformerCopilot
 from tcopilot.train import TrainConfig, Trainer
 
 TEST_FILES = {"mawps": "mawps_test.json", "svamp": "SVAMP_test.json", "addsub": "AddSub_test.json",
@@ -94,60 +93,6 @@ def load_smollm2(cache_dir: str | None):
 
 # ---------------------------------------------------------------------------------------------- decoding
 @torch.no_grad()
-def decode_settings(model: TransformerCopilot, input_ids, attention_mask, settings, max_new_tokens: int,
-                    eos_token_id: int, pad_token_id: int) -> dict:
-    """Greedy decoding for every ``(lam, fusion)`` in ``settings`` with one shared prompt prefill.
-
-    Returns ``{(lam, fusion): [B, new] token ids}``. Per setting, identical to
-    ``tcopilot.generate.generate(model, ..., lam=lam, fusion=fusion)`` with greedy decoding.
-    """
-    pilot, copilot = model.pilot, model.copilot
-    base = pilot_backbone(pilot)
-    bsz, plen = input_ids.shape
-    pos = positions_from_mask(attention_mask)
-    results = {}
-    with pilot_states(pilot) as states:
-        hidden, cache0 = run_base(base, input_ids, attention_mask, pos.clamp(min=0), use_cache=True)
-        z0 = _pilot_logits(model, hidden[:, -1])
-        ccache0 = g0 = m_mat = m_vec = None
-        if copilot is not None and any(lam != 0.0 for lam, _ in settings):
-            ccache0 = copilot.new_cache()
-            m_mat, m_vec = copilot.feedback_matrices()
-            wdtype = copilot.error_in.weight.dtype
-            stream = copilot.error_in.bias.to(wdtype).expand(bsz, plen, -1)
-            logst = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
-            g0 = copilot(stream, logst, pos, torch.cat([pos, pos], 1), cache=ccache0)[:, -1]
-        for lam, fusion in settings:
-            use_copilot = copilot is not None and lam != 0.0
-            cache = copy.deepcopy(cache0)
-            ccache = copy.deepcopy(ccache0) if use_copilot else None
-            z, g, mask = z0, g0, attention_mask.clone()
-            cur_pos = pos[:, -1].clamp(min=-1)
-            finished = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-            new = []
-            for step in range(max_new_tokens):
-                f = copilot.error_out(g).float() if use_copilot else torch.zeros_like(z)
-                nxt = rectified_next_token(z, f, lam=lam if use_copilot else 0.0, fusion=fusion, temperature=0.0)
-                nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-                new.append(nxt)
-                finished = finished | (nxt == eos_token_id)
-                if step == max_new_tokens - 1 or bool(finished.all()):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                cur_pos = cur_pos + 1
-                new_pos = cur_pos[:, None]
-                states.reset()
-                hidden, cache = run_base(base, nxt[:, None], mask, new_pos.clamp(min=0), cache=cache, use_cache=True)
-                z = _pilot_logits(model, hidden[:, -1])
-                if use_copilot:
-                    wdtype = copilot.error_in.weight.dtype
-                    fed = (g.float() @ m_mat + m_vec).to(wdtype)[:, None]
-                    logst = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
-                    g = copilot(fed, logst, new_pos, torch.cat([new_pos, new_pos], 1), cache=ccache)[:, -1]
-            results[(lam, fusion)] = torch.stack(new, dim=1)
-    return results
-
-
 def _answer(tok, row: list[int], item: dict) -> tuple[str, bool]:
     """(decoded text up to the first EOS, whether it is correct) of one generated row."""
     if tok.eos_token_id in row:
@@ -168,9 +113,11 @@ def evaluate_settings(model, tok, items, settings, *, batch_size: int, max_new_t
         ids, mask = encode_prompts(tok, chunk, style="alpaca", padding_side="left")
         dev = next(model.pilot.parameters()).device
         ids, mask = ids.to(dev), mask.to(dev)
-        res = decode_settings(model, ids, mask, settings, max_new_tokens, tok.eos_token_id, tok.pad_token_id)
-        for setting, new in res.items():
-            for row, i in zip(new.tolist(), idx):
+        # one prompt prefill shared by every (lam, fusion) setting
+        res = generate_settings(model, ids, settings, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for setting, full in res.items():
+            for row, i in zip(full[:, ids.shape[1]:].tolist(), idx):
                 out[setting]["predictions"][i], out[setting]["correct"][i] = _answer(tok, row, items[i])
         log(f"{desc} batch {b + 1}/{-(-len(order) // batch_size)} done, {time.perf_counter() - t0:.0f} s")
     for r in out.values():

@@ -35,6 +35,8 @@ covers response tokens only.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -265,6 +267,20 @@ class _PairDecoder:
             log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
             self.g = self.copilot(fed, log, new_pos, torch.cat([new_pos, new_pos], 1), cache=self.ccache)[:, -1]
 
+    def fork(self, use_copilot: bool) -> _PairDecoder:
+        """An independent decoder from this prefilled state (its own copies of the caches), with or without the
+        Copilot: several decodings of one prompt batch share one prefill (:func:`generate_settings`)."""
+        if use_copilot and not self.use_copilot:
+            raise ValueError("use_copilot: this decoder was prefilled without the Copilot, so a fork cannot use it")
+        new = copy.copy(self)  # tensors are replaced, never written in place, by advance(); caches are mutated
+        new.cache = copy.deepcopy(self.cache)
+        new.use_copilot = use_copilot
+        if use_copilot:
+            new.ccache = copy.deepcopy(self.ccache)
+        else:
+            new.copilot = None
+        return new
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select rows (beam search): every cache, the mask, the positions and the fed-back ``g``."""
         self.cache = reorder_pilot_cache(self.cache, index)
@@ -395,38 +411,88 @@ def generate(
             lam=lam if use_copilot else 0.0, fusion=fusion, eos_token_ids=eos_ids, pad_token_id=pad_token_id,
             length_penalty=o["length_penalty"], early_stopping=o["early_stopping"],
         )
-    device = input_ids.device
-    out_ids = input_ids
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     with pilot_states(model.pilot) as states:
         dec = _PairDecoder(model, states, use_copilot)
         dec.prefill(input_ids, attention_mask)
-        head = _decode_head_weights(model, dec, impl)
-        softcap = model.softcap or None
-        scale = model.logit_scale
-        for step in range(max_new_tokens):
-            if head is not None:  # fused head: both products and the choice in one call
-                # the Pilot's output scale enters through h: (s h) W^T = s (h W^T) for this bias-free head
-                h = dec.h if scale is None else dec.h * scale
-                nxt = rectified_decode_head(
-                    h, head[0], dec.g, head[1], head[2], lam=lam, fusion=fusion, temperature=temperature,
-                    top_k=top_k, top_p=top_p, generator=generator, softcap=softcap, impl=impl,
-                )
-            else:
-                f = dec.copilot_out()
-                nxt = rectified_next_token(
-                    dec.z, torch.zeros_like(dec.z) if f is None else f, lam=lam if use_copilot else 0.0,
-                    fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                    impl=impl,
-                )
-            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-            out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
-            if eos_ids:
-                finished = finished | torch.isin(nxt, torch.tensor(eos_ids, device=device))
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            dec.advance(nxt)
+        return _decode_loop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
+                            generator, impl, eos_ids, pad_token_id)
+
+
+def _decode_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
+                 generator, impl, eos_ids, pad_token_id) -> torch.Tensor:
+    """Algorithm 2 from a prefilled decoder (``num_beams=1``): ``[B, L + new]`` ids (see :func:`generate`)."""
+    device = input_ids.device
+    out_ids = input_ids
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    use_copilot = dec.use_copilot
+    head = _decode_head_weights(model, dec, impl)
+    softcap = model.softcap or None
+    scale = model.logit_scale
+    for step in range(max_new_tokens):
+        if head is not None:  # fused head: both products and the choice in one call
+            # the Pilot's output scale enters through h: (s h) W^T = s (h W^T) for this bias-free head
+            h = dec.h if scale is None else dec.h * scale
+            nxt = rectified_decode_head(
+                h, head[0], dec.g, head[1], head[2], lam=lam, fusion=fusion, temperature=temperature,
+                top_k=top_k, top_p=top_p, generator=generator, softcap=softcap, impl=impl,
+            )
+        else:
+            f = dec.copilot_out()
+            nxt = rectified_next_token(
+                dec.z, torch.zeros_like(dec.z) if f is None else f, lam=lam if use_copilot else 0.0,
+                fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                impl=impl,
+            )
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+        out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
+        if eos_ids:
+            finished = finished | torch.isin(nxt, torch.tensor(eos_ids, device=device))
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        dec.advance(nxt)
     return out_ids
 
 
-__all__ = ["generate", "resolve_generation_options", "reorder_pilot_cache", "GENERATION_FIELDS"]
+@torch.no_grad()
+def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mask: torch.Tensor | None = None,
+                      **options) -> dict:
+    """:func:`generate` for several ``(lam, fusion)`` pairs of one prompt batch, with one shared prefill.
+
+    Returns ``{(lam, fusion): [B, L + new] ids}``, each equal to ``generate(model, input_ids, lam=lam,
+    fusion=fusion, attention_mask=attention_mask, **options)`` (a lambda sweep pays for the prompts once).
+    ``options``: :func:`generate`'s other keywords; ``num_beams`` must be 1. Sampling draws from one
+    ``generator`` setting after setting, in the order given.
+    """
+    settings = [(float(check_finite("lam", lam)), fusion) for lam, fusion in settings]
+    if not settings:
+        raise ValueError("settings: expected at least one (lam, fusion) pair, got none")
+    for _, fusion in settings:
+        check_choice("fusion", fusion, ("probs", "logits"))
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")
+    impl, generator = options.pop("impl", "auto"), options.pop("generator", None)
+    check_choice("impl", impl, IMPLS)
+    o = resolve_generation_options(input_ids.shape[1], options.pop("generation_config", None), **options)
+    if o["num_beams"] != 1:
+        raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    if o["max_new_tokens"] == 0:
+        return {setting: input_ids for setting in settings}
+    uses = {setting: model.copilot is not None and setting[0] != 0.0 for setting in settings}
+    results = {}
+    with pilot_states(model.pilot) as states:
+        root = _PairDecoder(model, states, any(uses.values()))
+        root.prefill(input_ids, attention_mask)
+        for setting in settings:
+            lam, fusion = setting
+            results[setting] = _decode_loop(
+                model, root.fork(uses[setting]), input_ids, o["max_new_tokens"], lam, fusion, o["temperature"],
+                o["top_k"], o["top_p"], generator, impl, o["eos_token_ids"], o["pad_token_id"],
+            )
+    return results
+
+
+__all__ = ["generate", "generate_settings", "resolve_generation_options", "reorder_pilot_cache", "GENERATION_FIELDS"]

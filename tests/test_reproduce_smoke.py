@@ -6,11 +6,7 @@ import importlib.util
 import json
 import os
 
-import torch
-
-from tcopilot import Copilot, TransformerCopilot
-from tcopilot.data import WordTokenizer, encode_prompts
-from tcopilot.generate import generate
+from tcopilot.data import WordTokenizer
 from tcopilot.testing import tiny_pilot
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "reproduce.py")
@@ -42,28 +38,6 @@ def _tokenizer(items) -> WordTokenizer:
     texts += ["Below is an instruction that describes a task. Write a response that appropriately completes the "
               "request.\n\n### Instruction:\n\n### Response:\n x = + - * / ( ) . The answer is"]
     return WordTokenizer.build(texts)
-
-
-def test_decode_settings_matches_generate():
-    mod = _module()
-    items = [{"instruction": "Tom had 3 apples .", "input": ""},
-             {"instruction": "Tom had 3 apples and got 2 more . How many ?", "input": ""}]
-    tok = _tokenizer([{"original_text": x["instruction"]} for x in items])
-    pilot = tiny_pilot(vocab=tok.vocab_size)
-    copilot = Copilot.from_pilot_layers(pilot, layers=[1, 0])
-    torch.manual_seed(1)
-    with torch.no_grad():
-        copilot.error_out.weight.normal_(0, 0.5)
-        copilot.error_out.bias.normal_(0, 0.1)
-    model = TransformerCopilot(pilot, copilot).eval()
-    ids, mask = encode_prompts(tok, items, style="alpaca", padding_side="left")
-    settings = [(0.0, "probs"), (0.5, "probs"), (1.0, "logits")]
-    got = mod.decode_settings(model, ids, mask, settings, 6, tok.eos_token_id, tok.pad_token_id)
-    for lam, fusion in settings:
-        ref = generate(model, ids, attention_mask=mask, max_new_tokens=6, lam=lam, fusion=fusion,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
-        out = got[(lam, fusion)]
-        assert torch.equal(out, ref[:, : out.shape[1]]), (lam, fusion)
 
 
 def test_reproduce_main_tiny(tmp_path):

@@ -89,3 +89,50 @@ def test_pilot_only_model_generates_and_bad_args():
         model.generate(ids, max_new_tokens=2, temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="input_ids"):
         model.generate(ids[:0], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])  # materialised path / fused decode head
+def test_generate_settings_equals_generate_per_setting(impl):
+    """One shared prefill, forked per (lam, fusion): each result equals its own generate() call, greedy and
+    sampled (the generator is used setting after setting, in order)."""
+    from tcopilot.generate import generate, generate_settings
+
+    model = tiny_pair("llama").eval()
+    with torch.no_grad():  # a strong head so that the settings differ
+        model.copilot.error_out.weight.normal_(0, 2.0)
+    ids, mask = _prompts()
+    settings = [(0.0, "probs"), (0.5, "probs"), (1.0, "logits"), (0.5, "probs")]
+    eos = dict(eos_token_id=5, pad_token_id=0)
+    got = generate_settings(model, ids, settings, attention_mask=mask, max_new_tokens=6, impl=impl, **eos)
+    assert list(got) == list(dict.fromkeys(settings))
+    outs = set()
+    for lam, fusion in settings:
+        ref = generate(model, ids, attention_mask=mask, max_new_tokens=6, lam=lam, fusion=fusion, impl=impl, **eos)
+        assert torch.equal(got[(lam, fusion)], ref), (lam, fusion)
+        outs.add(tuple(ref.flatten().tolist()))
+    assert len(outs) == 3, "the settings decode identically: the comparison is vacuous"
+
+    kw = dict(attention_mask=mask, max_new_tokens=5, temperature=1.0, top_k=20, impl=impl)
+    got = generate_settings(model, ids, settings[:3], generator=torch.Generator().manual_seed(7), **kw)
+    gen = torch.Generator().manual_seed(7)
+    for lam, fusion in settings[:3]:
+        assert torch.equal(got[(lam, fusion)], generate(model, ids, lam=lam, fusion=fusion, generator=gen, **kw))
+
+
+def test_generate_settings_bad_args():
+    from tcopilot.generate import generate_settings
+
+    model = tiny_pair("llama")
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="settings: expected at least one"):
+        generate_settings(model, ids, [])
+    with pytest.raises(ValueError, match="fusion"):
+        generate_settings(model, ids, [(1.0, "sum")])
+    with pytest.raises(ValueError, match="lam"):
+        generate_settings(model, ids, [(float("inf"), "probs")])
+    with pytest.raises(ValueError, match="num_beams: expected 1"):
+        generate_settings(model, ids, [(1.0, "probs")], num_beams=2)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        generate_settings(model, ids, [(1.0, "probs")], beams=2)
+    out = generate_settings(model, ids, [(1.0, "probs")], attention_mask=mask, max_new_tokens=0)
+    assert torch.equal(out[(1.0, "probs")], ids)
