@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tcopilot import Copilot, TransformerCopilot
-from tcopilot.pilot import pilot_states, positions_from_mask, run_base, shift_labels
+from tcopilot.pilot import pilot_logit_scale, pilot_states, positions_from_mask, run_base, shift_labels
 
 VOCAB = 97
 
@@ -92,7 +92,12 @@ def naive_joint_losses(model: TransformerCopilot, input_ids, attention_mask, lab
     pos = positions_from_mask(attention_mask)
     with pilot_states(pilot) as st:
         hidden, _ = run_base(pilot.base_model, input_ids, attention_mask, pos.clamp(min=0))
-    logits = pilot.get_output_embeddings()(hidden).float()
+    logits = pilot.get_output_embeddings()(hidden).float()  # the head as the model calls it: bias included
+    scale = pilot_logit_scale(pilot.config)
+    if scale is not None:
+        logits = logits * scale
+    if model.softcap:
+        logits = model.softcap * torch.tanh(logits / model.softcap)
     target = shift_labels(labels, ignore_index)
     counted = target != ignore_index
     pilot_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index)
