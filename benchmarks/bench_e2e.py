@@ -293,7 +293,10 @@ def flop_model(cfg: Cfg, cop_cfg, step: str) -> dict:
     each. Training = forward + backward: 3x the forward for linear layers and the heads (2x for
     ``error_in``, whose input, the detached error, needs no gradient), 3.5x for attention (backward 2.5x,
     the FlashAttention convention). Decode: one new token per row against ``T`` cached positions
-    (``pairs = T + 1``), forward only.
+    (``pairs = T + 1``), forward only; the Copilot's fed-back input ``error_in(f_prev)`` is
+    ``g_prev @ M + m`` with the c x c matrix ``M = error_out.weight^T error_in.weight^T`` formed once per
+    generate call (Algorithm 2 as :func:`tcopilot.generate` runs it), so a decode step pays ``2 * c * c``
+    per row for it instead of ``2 * V * c``; only ``error_out`` touches the vocabulary.
     """
     d, v = cfg.hidden, cfg.vocab
     kvd = cfg.kv_heads * cfg.head_dim
@@ -324,24 +327,33 @@ def flop_model(cfg: Cfg, cop_cfg, step: str) -> dict:
         lin_c = cop_cfg.num_hidden_layers * per_layer + n_self * kv_self + n_log * kv_log + proj
         terms["copilot_linear"] = lin * 2 * rows * lin_c
         terms["copilot_attention"] = att * 4 * hq * hd * pairs * (n_self + 2 * n_log)
-        terms["copilot_vocab"] = (err_in + lin) * 2 * rows * v * c
+        if step == "train":
+            terms["copilot_vocab"] = (err_in + lin) * 2 * rows * v * c
+        else:
+            terms["copilot_vocab"] = 2 * rows * v * c  # error_out only
+            terms["copilot_linear"] += 2 * rows * c * c  # the fed-back input through M
     terms["total"] = sum(terms.values())
     return terms
 
 
 def decode_bytes(cfg: Cfg, pilot, cop) -> float:
-    """Bytes one decode step reads at least: every weight once (the tied embedding once) and the caches."""
+    """Bytes one decode step reads at least: every weight it uses once (the tied embedding once) and the caches.
+
+    The Copilot's ``error_in`` weight ([c, V]) is not read at decode: its fed-back input goes through the c x c
+    matrix ``M`` (fp32, counted instead; see :func:`flop_model`)."""
     elt = torch.finfo(cfg.dtype).bits // 8
     params = sum(p.numel() for p in pilot.parameters())
     kv = cfg.layers * 2 * cfg.dec_batch * cfg.kv_heads * cfg.head_dim * cfg.dec_ctx
+    extra = 0
     if cop is not None:
         cc = cop.config
-        params += sum(p.numel() for p in cop.parameters())
+        params += sum(p.numel() for n, p in cop.named_parameters() if not n.startswith("error_in."))
+        extra = 4 * cc.hidden_size * (cc.hidden_size + 1)  # M and m in fp32
         hd = cc.hidden_size // cc.num_attention_heads
         n_log = cc.num_hidden_layers // 2
         per = 2 * cfg.dec_batch * cc.num_key_value_heads * hd * cfg.dec_ctx
         kv += (cc.num_hidden_layers - n_log) * per + n_log * 2 * per
-    return float((params + kv) * elt)
+    return float((params + kv) * elt + extra)
 
 
 # ------------------------------------------------------------------------------------------ benchmark
@@ -446,3 +458,23 @@ def test_flop_model_pilot_matches_parameter_count():
     terms = flop_model(cfg, None, "decode")
     assert terms["pilot_linear"] == 2 * cfg.dec_batch * body
     assert dtype_name(cfg.dtype) == "fp32"
+
+
+def test_flop_and_byte_model_decode_copilot_terms():
+    """At decode only ``error_out`` touches the vocabulary: the fed-back input goes through the c x c matrix."""
+    cfg = CPU_CFG
+    pilot = build_pilot(cfg)
+    cop = build_copilot(cfg, pilot, 2)
+    c = cop.config.hidden_size
+    terms = flop_model(cfg, cop.config, "decode")
+    assert terms["copilot_vocab"] == 2 * cfg.dec_batch * cfg.vocab * c
+    train = flop_model(cfg, cop.config, "train")
+    assert train["copilot_vocab"] == (2 + 3) * 2 * cfg.batch * cfg.seq * cfg.vocab * c
+    elt = torch.finfo(cfg.dtype).bits // 8
+    without = decode_bytes(cfg, pilot, None)
+    used = sum(p.numel() for n, p in cop.named_parameters() if not n.startswith("error_in."))
+    assert cop.error_in.weight.numel() == cfg.vocab * c  # the weight the decode step does not read
+    hd = c // cop.config.num_attention_heads
+    per_layer = 2 * cfg.dec_batch * cop.config.num_key_value_heads * hd * cfg.dec_ctx  # k and v of one stream
+    caches = (1 + 2) * per_layer  # layer 1: own stream; layer 2: the log's two segments
+    assert decode_bytes(cfg, pilot, cop) - without == (used + caches) * elt + 4 * c * (c + 1)
