@@ -87,7 +87,8 @@ def report(cfg=GPU_CFG) -> str:
     lines += [
         "",
         f"The paper reports +{PAPER['train']}% training and +{PAPER['decode']}% inference time for a 1B Pilot with a "
-        "1B Copilot (T-Copilot-1B: 16 layers of width 2048 over V=128256, the last row's shape). With the method as the paper defines it, the {big['layers']}-layer Copilot "
+        "1B Copilot (T-Copilot-1B: 16 layers of width 2048 over V=128256, the last row's shape). With the method "
+        f"as the paper defines it, the {big['layers']}-layer Copilot "
         f"({big['params'] / 1e9:.2f} B parameters) adds at least +{100 * big['train_overhead']:.0f}% to a training "
         f"step's flops and +{100 * big['decode_overhead']:.0f}% to a decode step's bytes. Even the 2-layer Copilot "
         f"adds +{100 * r[0]['train_overhead']:.0f}% in training, mostly its two vocabulary products (`error_in` on "
