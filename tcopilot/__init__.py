@@ -1,9 +1,10 @@
 """tcopilot: the Transformer Copilot method (Zou et al., NeurIPS 2025) with fused Triton kernels.
 
-Public API (DESIGN.md section 5): the fused ops ``logit_capture``, ``copilot_error_loss``,
-``log_attention``, ``rectified_next_token``, ``rectified_decode_head`` (each with a naive ``*_reference``
-oracle), the models ``CopilotConfig`` / ``Copilot`` / ``TransformerCopilot``, ``generate``, and the replay
-buffer ``MistakeLog``. Triton is imported lazily, so ``import tcopilot`` works on machines without it.
+Public API (DESIGN.md section 5): the fused ops ``logit_capture`` (returning a ``Capture``),
+``copilot_error_loss``, ``log_attention``, ``rectified_next_token``, ``rectified_decode_head`` (each with a
+naive ``*_reference`` oracle), the models ``CopilotConfig`` / ``Copilot`` / ``TransformerCopilot``,
+``generate``, and the replay buffer ``MistakeLog``. Triton is imported lazily, so ``import tcopilot`` works on
+machines without it.
 """
 
 from tcopilot.copilot import Copilot, CopilotConfig

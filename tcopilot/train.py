@@ -10,8 +10,8 @@ optimisation step (``num_items_in_batch``), so accumulating k micro-batches equa
 exactly. The Copilot's RMSE is not additive over tokens; its micro-batch losses are averaged.
 
 Runs are resumable: ``run_dir/checkpoint-<step>/`` holds both models (safetensors), both optimisers,
-schedulers, RNG states and the step; the data order is a pure function of (seed, step), so a resumed
-run continues with exactly the batches it would have seen.
+schedulers, the torch CPU RNG state and the step (the last ``keep_checkpoints`` are kept); the data order is a
+pure function of (seed, step), so a resumed run continues with exactly the batches it would have seen.
 
 Mistake Log: with ``keep_log=True`` (or a model that already holds a :class:`tcopilot.MistakeLog`, as
 ``log_mode="replay"`` does) every forward pushes its compressed log; checkpoints hold it in
@@ -86,6 +86,18 @@ DISTRIBUTED = ("ddp", "fsdp2")
 
 @dataclass
 class TrainConfig:
+    """Settings of :class:`Trainer` (``tcopilot train`` sets ``steps``, ``batch_size``, ``grad_accum``, ``seed``,
+    the learning rates and ``distributed`` from its flags).
+
+    ``batch_size`` is the examples of one optimisation step (the global batch under several processes), split
+    into ``grad_accum`` micro-batches. Learning rates warm up linearly over ``warmup_steps``, then follow a cosine
+    down to ``min_lr_ratio`` times the peak; ``clip_pilot`` / ``clip_copilot`` clip each model's gradient norm.
+    ``metrics.jsonl`` gets a record every ``log_every`` steps and at the last one, ``eval_fn`` runs every
+    ``eval_every`` steps (0: never during training), a checkpoint is written every ``ckpt_every`` steps (0: never)
+    and the last ``keep_checkpoints`` are kept. ``keep_log`` and ``log_*`` size the :class:`tcopilot.MistakeLog` the
+    Trainer creates (see the module docstring). :meth:`validate` raises ``ValueError`` on bad values.
+    """
+
     steps: int = 300
     batch_size: int = 32
     grad_accum: int = 1
@@ -296,6 +308,20 @@ def _float(t) -> float:
 
 class Trainer:
     """Trains ``model`` (a :class:`TransformerCopilot`) on encoded examples (``input_ids``/``labels`` lists).
+
+    Args:
+        model: the :class:`TransformerCopilot`, already on its device (its ``copilot`` may be None).
+        examples: dicts with ``input_ids`` and ``labels`` lists; at least ``config.batch_size`` of them.
+        config: a :class:`TrainConfig` (validated here).
+        run_dir: where ``config.json``, ``metrics.jsonl``, checkpoints and ``mistake_log/`` go (created).
+        pad_token_id: the id padding the collated batches.
+        eval_fn: ``eval_fn(model, step) -> dict``, run every ``config.eval_every`` steps; its values are logged
+            as ``eval/<key>``.
+        progress: show a progress bar (rank 0 only).
+
+    Raises:
+        ValueError: a bad ``config``, fewer examples than ``batch_size``, or (several processes) a
+            ``batch_size`` that is not a multiple of ``grad_accum * world_size``.
 
     In several processes (see the module docstring) every rank builds the same model, examples and config;
     the Trainer wraps the model in DDP or shards it with FSDP2 (``config.distributed``) before creating the

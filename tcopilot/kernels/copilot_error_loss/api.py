@@ -39,7 +39,7 @@ def copilot_error_loss(
             ``[N, 2c]`` ``[A^T | B]`` is accepted too (a last column is then ignored). Also uses
             ``capture.p_target`` and ``capture.p_sq_sum`` (``[N]``).
         labels: ``[N]`` int32/int64 ids in ``[0, V)`` or ``ignore_index``: the same labels as the capture.
-        ignore_index: label of rows that do not count.
+        ignore_index: an int, the label of rows that do not count.
         impl: ``"auto"`` or ``"torch"`` (the Gram form in PyTorch); ``"triton"`` is not implemented yet.
 
     Returns:
@@ -54,8 +54,9 @@ def copilot_error_loss(
         no gradient: the Mistake Log is detached from the Pilot.
 
     Raises:
-        ValueError: naming the argument, with the expected and the received value.
-        NotImplementedError: ``impl="triton"``.
+        ValueError: naming the argument, with the expected and the received value (shapes, dtypes, devices,
+            a ``capture`` without ``p_values`` or of the wrong width, labels, ``impl``).
+        NotImplementedError: ``impl="triton"`` (on any device).
 
     Example:
         >>> from tcopilot import logit_capture

@@ -74,11 +74,12 @@ def log_attention(
         q: [B, Hq, Lq, D] queries (fp16, bf16, fp32 or fp64).
         k: [B, Hk, Lk, D] keys, same dtype and device as ``q``; ``Hq`` must be a multiple of ``Hk``.
         v: [B, Hk, Lk, Dv] values, same dtype and device; ``Dv`` may differ from ``D``.
-        q_pos: [B, Lq] integer positions of the queries.
-        k_pos: [B, Lk] integer positions of the keys; a negative position marks padding.
+        q_pos: [B, Lq] integer positions of the queries (int64/int32/int16/int8/uint8, same device).
+        k_pos: [B, Lk] integer positions of the keys (same dtypes); a negative position marks padding.
         scale: score scale, a finite number > 0; default ``1 / sqrt(D)``.
-        impl: ``"auto"`` (Triton on CUDA tensors when the kernel is available, PyTorch otherwise),
-            ``"torch"`` (blocked PyTorch path) or ``"triton"`` (never falls back silently).
+        impl: ``"auto"`` (Triton on CUDA tensors when the kernel is available, except fp64; PyTorch
+            otherwise), ``"torch"`` (blocked PyTorch path) or ``"triton"`` (never falls back silently; CPU
+            tensors only under ``TRITON_INTERPRET=1``).
 
     Returns:
         [B, Hq, Lq, Dv] in ``q``'s dtype. A query that sees no key (e.g. a padded query with a negative
@@ -88,8 +89,9 @@ def log_attention(
     to ``q``'s dtype once, and gradients are returned in the inputs' dtypes.
 
     Raises:
-        ValueError: naming the argument, for wrong ranks, shapes, dtypes, devices, ``Hq % Hk != 0``,
-            non-integer positions or a scale that is not finite and positive.
+        ValueError: naming the argument, for wrong ranks, shapes, dtypes, devices, empty tensors,
+            ``Hq % Hk != 0``, non-integer positions, a scale that is not finite and positive, an unknown
+            ``impl``, or ``impl="triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
         NotImplementedError: ``impl="triton"`` while no Triton kernel is available.
 
     Example:

@@ -150,24 +150,26 @@ def logit_capture(
             region: both are cast, see "Autocast"). The full, gathered weight (see "FSDP").
         labels: ``[N]`` int32/int64 target ids in ``[0, V)``, or ``ignore_index`` for rows that do not count.
         values: optional ``[V, k]`` float tensor (any float dtype); ``p_values = p @ values``.
-        ignore_index: label value of rows that are not counted (0 loss, 0 gradient, ``p_target = 0``).
+        ignore_index: an int, the label of rows that are not counted (0 loss, 0 gradient, ``p_target = 0``).
         reduction: ``"mean"`` (sum over counted rows / ``num_items_in_batch`` or the number of counted rows;
             0.0 when none is counted), ``"sum"`` or ``"none"`` (``[N]``, 0 on ignored rows).
-        topk: ``K >= 0``; with ``K > 0`` also return the K largest (capped) logits per row and their ids,
-            in descending order, equal logits by ascending id (the compressed log of DESIGN.md 4.4). Found in
-            the same pass over V: the torch path with ``torch.topk`` per chunk of logits, the Triton kernel with
-            a running per-row set in registers for ``K <= 128`` (``torch.topk`` per chunk above that).
+        topk: an int ``K`` in ``[0, V]``; with ``K > 0`` also return the K largest (capped) logits per row and
+            their ids, in descending order, equal logits by ascending id (the compressed log of DESIGN.md 4.4).
+            Found in the same pass over V: the torch path with ``torch.topk`` per chunk of logits, the Triton
+            kernel with a running per-row set in registers for ``K <= 128`` (``torch.topk`` per chunk above
+            that).
         softcap: ``None`` or a finite ``> 0`` cap (Gemma-2 final-logit soft-capping). All statistics then
             describe the softmax of the capped logits.
         label_smoothing: ``eps`` in ``[0, 1)``; the row loss becomes
             ``(1 - eps) * ce_i + eps * (lse_i - mean_v z_iv)``. Changes the loss only, not the statistics.
         z_loss: ``>= 0``; adds ``z_loss * lse_i**2`` to each counted row's loss.
-        token_weights: optional ``[N]`` float per-row loss weights (applied after smoothing and z-loss).
-            They receive no gradient.
+        token_weights: optional ``[N]`` per-row loss weights (any float dtype, same device; applied after
+            smoothing and z-loss). They receive no gradient.
         num_items_in_batch: optional number (or one-element tensor) ``> 0``: the denominator of
             ``reduction="mean"`` for gradient accumulation over micro-batches. Only valid with "mean".
         impl: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"`` (chunked PyTorch, never
-            holds ``[N x V]``) or ``"triton"`` (no silent fallback).
+            holds ``[N x V]``) or ``"triton"`` (no silent fallback; CPU tensors only under
+            ``TRITON_INTERPRET=1``).
 
     Returns:
         :class:`Capture` ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits)``. Statistics
@@ -210,7 +212,10 @@ def logit_capture(
 
     Raises:
         ValueError: naming the argument, with the expected and the received value, for a bad shape, dtype,
-            device, label, option or an empty batch.
+            device, label, option or an empty batch, a ``DTensor`` input, ``num_items_in_batch`` with a
+            ``reduction`` other than ``"mean"``, or ``impl="triton"`` on CPU tensors without
+            ``TRITON_INTERPRET=1``.
+        ImportError: ``impl="triton"`` without the ``triton`` package.
         NotImplementedError: ``impl="triton"`` in a build without the Triton kernels.
 
     Example:

@@ -58,11 +58,18 @@ def rectified_decode_head(
     Args:
         pilot_hidden: [B, d]; lm_head: [V, d] (the Pilot's ``lm_head.weight``).
         copilot_hidden: [B, c] (the Copilot's ``g``); error_out_weight: [V, c]; error_out_bias: [V] or None.
+            All on one device, each in any float dtype (they may differ).
         lam, fusion, temperature, top_k, top_p, generator: as ``rectified_next_token``.
         softcap: None / 0 (off) or a finite number > 0.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"`` (above; CPU tensors only under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        [B] int64 token ids in ``[0, V)``.
 
     Raises:
-        ValueError: naming the argument, for shapes, dtypes, devices and the sampler's options.
+        ValueError: naming the argument, for shapes, dtypes, devices, ``softcap``, the sampler's options,
+            an unknown ``impl`` or ``impl="triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
+        NotImplementedError: ``impl="triton"`` when the Triton implementation cannot be imported.
     """
     check_tensor("pilot_hidden", pilot_hidden, ndim=2, dtypes=FLOAT_DTYPES)
     device = pilot_hidden.device

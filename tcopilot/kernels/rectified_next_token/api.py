@@ -109,8 +109,8 @@ def rectified_next_token(
 
     Args:
         pilot_logits: [B, V] Pilot logits ``z`` (any float dtype; ``-inf`` marks banned tokens).
-        copilot_out: [B, V] Copilot output ``f``, same shape and device.
-        lam: finite float, or a [B] float tensor of per-row lambdas.
+        copilot_out: [B, V] Copilot output ``f``, same shape and device (any float dtype).
+        lam: finite float, or a float tensor on the same device: ``[B]`` per-row lambdas, or 0-d.
         fusion: ``"probs"`` or ``"logits"``.
         temperature: finite, ``>= 0``; 0 is greedy.
         top_k: int ``>= 0``.
@@ -129,7 +129,9 @@ def rectified_next_token(
     Raises:
         ValueError: naming the argument, for shapes (``[B, V]``, equal, ``B >= 1``), dtypes, devices,
             ``lam`` not finite, ``temperature < 0``, ``top_k < 0``, ``top_p`` outside ``(0, 1]``,
-            an unknown ``fusion`` or ``impl``.
+            an unknown ``fusion`` or ``impl``, a ``generator`` that is not a ``torch.Generator`` on the
+            inputs' device type, or ``impl="triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
+        NotImplementedError: ``impl="triton"`` when the Triton implementation cannot be imported.
 
     Example:
         >>> z = torch.tensor([[2.0, 1.0, 0.0]]); f = torch.tensor([[-0.5, 0.5, 0.0]])
