@@ -87,10 +87,17 @@ _DQ_CFG = {
     256: (32, 32, 4, 1),
 }
 # fp32 inputs: tiles take twice the registers and the products run as 3xTF32, so smaller blocks. fp32 is
-# the exact path, not the fast one; these still spill a little on sm_90a.
-_FP32_FWD_CFG = {**dict.fromkeys((16, 32, 64), (64, 32, 4, 2)), **dict.fromkeys((128, 256), (32, 32, 4, 2))}
-_FP32_DKDV_CFG = {**dict.fromkeys((16, 32, 64), (32, 32, 4, 2)), **dict.fromkeys((128, 256), (16, 32, 4, 2))}
-_FP32_DQ_CFG = {**dict.fromkeys((16, 32, 64), (64, 32, 4, 2)), **dict.fromkeys((128, 256), (32, 16, 4, 2))}
+# the exact path, not the fast one. Spill bytes per thread below are ptxas' for sm_90a
+# (benchmarks/sm90_compile.py, Triton 3.9; benchmarks/results/sm90-compile.md):
+# * 128, dK/dV: (16, 32, 4, 2) spilled 720 B, and every warps/stages variant of (16, 32) spilled (56-732 B):
+#   K, V, dK, dV stay in registers for the whole program. (32, 16, 8, 2) spills nothing (220 registers),
+#   nor does any 8-warp variant of it. dQ: (32, 16, 4, 2) spilled 132 B, 8 warps / 3 stages 0 B.
+# * 256: the old 128 entries spilled 1644 B (forward), 29928 B (dK/dV: 32 registers used, the rest in
+#   local memory) and 3592 B (dQ). (16, 16, 8, 1) spills 0 / 428 / 232 B, the least of the
+#   block sizes tried; dK/dV at 256 in fp32 cannot avoid spills in this design (16 is tl.dot's minimum).
+_FP32_FWD_CFG = {**dict.fromkeys((16, 32, 64), (64, 32, 4, 2)), 128: (32, 32, 4, 2), 256: (16, 16, 8, 1)}
+_FP32_DKDV_CFG = {**dict.fromkeys((16, 32, 64), (32, 32, 4, 2)), 128: (32, 16, 8, 2), 256: (16, 16, 8, 1)}
+_FP32_DQ_CFG = {**dict.fromkeys((16, 32, 64), (64, 32, 4, 2)), 128: (32, 16, 8, 3), 256: (16, 16, 8, 1)}
 # Decode key tile per head dim (memory-bound: wide tiles, but the per-element K/V pointers cost registers).
 _DECODE_BLOCK_N = {16: 128, 32: 128, 64: 64, 128: 32, 256: 16}
 
@@ -110,7 +117,10 @@ _INTERP_BLOCK = 16
 
 
 def _tune_configs():
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3, 4)]
+    # No num_stages=4: for all three kernels (bf16 and fp32, head dims 64 and 128) it compiled to exactly
+    # the same PTX as num_stages=3 (sm_90a, Triton 3.9, benchmarks/sm90_compile.py): two more candidates
+    # compiled and timed per autotune key for nothing.
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
 
 
 def _tuned(kernel):
