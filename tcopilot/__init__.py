@@ -3,12 +3,12 @@
 Public API (DESIGN.md section 5): the fused ops ``logit_capture`` (returning a ``Capture``),
 ``copilot_error_loss``, ``log_attention``, ``rectified_next_token``, ``rectified_decode_head`` (each with a
 naive ``*_reference`` oracle), the models ``CopilotConfig`` / ``Copilot`` / ``TransformerCopilot``,
-``generate``, and the replay buffer ``MistakeLog``. Triton is imported lazily, so ``import tcopilot`` works on
-machines without it.
+``generate`` / ``generate_settings`` (a lambda sweep over one prefill), and the replay buffer ``MistakeLog``.
+Triton is imported lazily, so ``import tcopilot`` works on machines without it.
 """
 
 from tcopilot.copilot import Copilot, CopilotConfig
-from tcopilot.generate import generate
+from tcopilot.generate import generate, generate_settings
 from tcopilot.kernels.copilot_error_loss import copilot_error_loss, copilot_error_loss_reference
 from tcopilot.kernels.log_attention import log_attention, log_attention_reference
 from tcopilot.kernels.logit_capture import Capture, logit_capture, logit_capture_reference
@@ -28,6 +28,7 @@ __all__ = [
     "copilot_error_loss",
     "copilot_error_loss_reference",
     "generate",
+    "generate_settings",
     "log_attention",
     "log_attention_reference",
     "logit_capture",

@@ -32,10 +32,17 @@ class CopilotConfig(PretrainedConfig):
         num_attention_heads / num_key_value_heads: query heads and key/value heads (GQA).
         pilot_hidden_size: the Pilot's width d; when it differs from ``hidden_size`` a linear
             ``pilot_proj`` maps the log ``[X~ ; pooled h]`` to the Copilot's width.
-        intermediate_size: SwiGLU width (default ``round(8/3 * hidden_size)`` to a multiple of 8).
+        intermediate_size: SwiGLU width (default ``8/3 * hidden_size`` rounded up to a multiple of 8).
+        rms_norm_eps: epsilon of every RMSNorm.
         use_rope: rotary position embeddings on queries and keys (default False, as the paper).
+        rope_theta: the rotary base, when ``use_rope``.
         attention_bias: biases on the q/k/v projections (Qwen2-style pretrained layers have them).
         attention_impl: ``impl`` passed to :func:`tcopilot.log_attention` (``"auto"``, ``"torch"``, ``"triton"``).
+        initializer_range: standard deviation of the normal initialisation of the linear layers.
+
+    Raises:
+        ValueError: ``hidden_size`` not a multiple of ``num_attention_heads``, or ``num_key_value_heads`` not a
+            divisor of ``num_attention_heads``.
     """
 
     model_type = "tcopilot"

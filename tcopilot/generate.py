@@ -380,8 +380,16 @@ def generate(
             ``"auto"``: the fused :func:`tcopilot.rectified_decode_head` (Triton) on CUDA tensors, the
             materialised ``z``, ``f`` and :func:`tcopilot.rectified_next_token` on the CPU. ``"torch"`` /
             ``"triton"``: the fused head with that implementation. Either way a Pilot alone, ``lam=0`` or an
-            LM head that is not a plain bias-free ``nn.Linear`` (e.g. one wrapped by PEFT) takes the
-            materialised path, with ``rectified_next_token(impl=impl)``; see the module docstring.
+            LM head that is not a plain bias-free ``nn.Linear`` (e.g. one carrying a PEFT adapter; PEFT's
+            ``modules_to_save`` wrapper counts as the copy it runs) takes the materialised path, with
+            ``rectified_next_token(impl=impl)``; see the module docstring.
+
+    Raises:
+        ValueError: naming the option, for bad shapes (``input_ids``, ``attention_mask``), a non-finite ``lam``,
+            an unknown ``fusion`` or ``impl``, bad decoding options (``max_new_tokens``, ``temperature``,
+            ``top_k``, ``top_p``, ``num_beams``, beam sampling) and ``generation_config`` fields that would
+            change the output but are not implemented.
+        TypeError: an unknown keyword (as ``PreTrainedModel.generate`` would).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")

@@ -201,6 +201,8 @@ class MistakeLog:
         seed: seed of the sampling generator (its state is part of :meth:`state_dict`).
         pin_memory: keep entries in pinned CPU memory and copy device -> host with ``non_blocking=True``
             (default: when CUDA is available).
+        ignore_index: the label of uncounted positions (prompt, padding) in the stored ``targets``: such rows
+            keep only their ids, no statistics; a push with another ``ignore_index`` is relabelled to this one.
 
     The buffer is CPU-resident. On CUDA, pushing queues asynchronous copies into pinned memory and records
     an event; anything that reads an entry on the host waits for that event, and :meth:`sample` copies back
