@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -17,3 +18,19 @@ if not torch.cuda.is_available():
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed, so each test draws the same data whatever runs before it."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def head_calls(monkeypatch):
+    """The ``impl`` of each call generate() makes to the fused decode head (a spy on ``tcopilot.generate``'s
+    module; the package attribute of that name is the function)."""
+    generate_mod = importlib.import_module("tcopilot.generate")
+    calls = []
+    real = generate_mod.rectified_decode_head
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["impl"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_mod, "rectified_decode_head", spy)
+    return calls

@@ -35,20 +35,6 @@ def _prompts(B=3, L=5, vocab=97):
     return ids, mask
 
 
-@pytest.fixture
-def head_calls(monkeypatch):
-    """Counts the calls generate() makes to the fused decode head."""
-    calls = []
-    real = generate_mod.rectified_decode_head
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["impl"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generate_mod, "rectified_decode_head", spy)
-    return calls
-
-
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("fusion", ["probs", "logits"])
 @pytest.mark.parametrize("lam", [0.5, 1.0])

@@ -207,20 +207,6 @@ def test_lam_zero_tokens_equal_hugging_face_generate(arch, num_beams):
     assert hf.shape[1] == ours.shape[1] or (hf[:, ours.shape[1]:] == PAD).all()
 
 
-@pytest.fixture
-def head_calls(monkeypatch):
-    """Counts the calls generate() makes to the fused decode head."""
-    calls = []
-    real = generate_mod.rectified_decode_head
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["impl"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generate_mod, "rectified_decode_head", spy)
-    return calls
-
-
 def _materialised(model, ids, monkeypatch, **kw):
     """generate() with the fused head switched off: z and f materialised, then rectified_next_token."""
     with monkeypatch.context() as m:
