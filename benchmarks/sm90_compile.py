@@ -135,7 +135,6 @@ def _la_strides(prefix: str, h: int, length: int, d: int) -> dict:
 def _log_attention_cases() -> Iterator[Case]:
     from tcopilot.kernels.log_attention import triton_impl as la
 
-    tune = [(c.num_warps, c.num_stages, dict(c.kwargs)) for c in la._tune_configs()]
     tables = {"fwd": (la._FWD_CFG, la._FP32_FWD_CFG), "dkdv": (la._DKDV_CFG, la._FP32_DKDV_CFG),
               "dq": (la._DQ_CFG, la._FP32_DQ_CFG)}  # fmt: skip
     import torch
@@ -153,6 +152,9 @@ def _log_attention_cases() -> Iterator[Case]:
             for kind, fn in (("fwd", la._log_attention_fwd_kernel), ("bwd_dkdv", la._log_attention_bwd_dkdv_kernel),
                              ("bwd_dq", la._log_attention_bwd_dq_kernel)):  # fmt: skip
                 bm, bn, tw, ts = tables[kind.replace("bwd_", "")][dt == torch.float32][hd]
+                # The autotune candidates of this kernel, head dim and dtype (the list prunes spilling ones).
+                tune = [(c.num_warps, c.num_stages, dict(c.kwargs))
+                        for c in la._tune_configs(kind.replace("bwd_", ""), hd, dt)]  # fmt: skip
                 nqb, nkb = _cdiv(_LA_LQ, bm), _cdiv(_LA_LK, bn)
                 for group in (4, 1):
                     hk = _LA_HQ // group
@@ -191,10 +193,13 @@ def _log_attention_cases() -> Iterator[Case]:
                             notes=notes, dot_m=bn if kind == "bwd_dkdv" else bm,  # dK/dV: [keys, queries] tiles
                         )  # fmt: skip
 
-            # Split-K decode and its combine kernel: fixed configurations (no autotune).
+            # Split-K decode and its combine kernel: fixed configurations (no autotune). Only the packed
+            # tiles the launcher routes there (fp32 sends some to the regular forward kernel, compiled above).
             for block_m, (lq, group) in _LA_DEC_ROWS.items():
+                if not la._use_decode(lq, group, hd, dt):
+                    continue
                 hk = _LA_HQ // group
-                block_n, w, s = la._decode_cfg(hd, block_m)
+                block_n, w, s = la._decode_cfg(hd, block_m, dt)
                 nkb = _cdiv(_LA_DEC_LK, block_n)
                 splits = max(1, min(nkb, _cdiv(2 * _H100_SMS, _LA_DEC_B * hk)))
                 tps = _cdiv(nkb, splits)
@@ -654,8 +659,9 @@ def markdown(rows: list[dict], *, wall_s: float, argv: list[str]) -> str:
         "",
         "Example shapes: attention B=2, 32 query / 8 kv heads (GQA 4; `MHA`: 1), Lq=2048 against Lk=4096,",
         "head dims 64 and 128 (whole autotune list) and 256 (list in bf16, table otherwise); split-K decode",
-        "B=4 against a 4096-entry cache, Lq x group packed into M rows; logit_capture N=8192, V=128256 (forward",
-        "chunks of 160 rows, backward blocks 8192 x 2560); rectified_next_token B=32, V=128256;",
+        "B=4 against a 4096-entry cache, Lq x group packed into M rows (only the tiles the launcher routes there:",
+        "fp32 sends M32/M64 at D=128 and all of D=256 to log_attention_fwd); logit_capture N=8192, V=128256",
+        "(forward chunks of 160 rows, backward blocks 8192 x 2560); rectified_next_token B=32, V=128256;",
         "rectified_decode_head d=c=2048, V=128256, hidden states as `hidden[:, -1]` views.",
         "",
         f"Triton {triton.__version__}, {ptxas_ver}; target `cuda:{TARGET_ARCH}` (sm_90a). A GPU image with another",

@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from tcopilot.kernels.log_attention import triton_impl  # noqa: E402
 from tcopilot.kernels.log_attention.triton_impl import (  # noqa: E402
     log_attention_fwd,
     log_attention_triton,
@@ -201,6 +202,66 @@ def test_decode_small_lq_uneven_splits():
                                decode=True, num_splits=2)  # fmt: skip
     want = _oracle(q.double(), k.double(), v.double(), qp.to(DEV), kp.to(DEV), 0.25)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+class _LaunchCounter:
+    """Stands in for a @triton.jit kernel in the launcher's module: counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(
+    ("lq", "hq", "d", "decode"),
+    [
+        (8, 4, 128, False),  # fp32, 32 packed rows at head dim 128: the regular forward kernel
+        (1, 2, 256, False),  # fp32 at head dim 256, even a single row: the regular forward kernel
+        (1, 4, 128, True),  # 16 packed rows at 128 stay split-K
+        (16, 4, 64, True),  # 64 packed rows at 64 stay split-K (32-key tiles on CUDA)
+    ],
+)
+def test_fp32_decode_routing(monkeypatch, lq, hq, d, decode):
+    # fp32 split-K spills registers on sm_90 past 16 packed rows at head dim 128 and at any row count at 256
+    # (benchmarks/results/sm90-compile.md), so those shapes take the regular kernels; results must not change.
+    assert triton_impl._use_decode(lq, hq, d, torch.float32) == decode
+    assert triton_impl._use_decode(lq, hq, d, torch.bfloat16)  # half precision: always split-K here
+    q, k, v, do = _inputs(1, hq, 1, lq, 48, d, d, seed=14)
+    qp, kp = torch.arange(30, 30 + lq)[None], _ar(48)
+    counter = _LaunchCounter(triton_impl._log_attention_decode_kernel)
+    monkeypatch.setattr(triton_impl, "_log_attention_decode_kernel", counter)
+    out = _check(q, k, v, do, qp, kp)[0]  # default routing, forward and backward against the fp64 oracle
+    assert counter.launches == int(decode)
+    # The other path gives the same output and lse.
+    args = (q, k, v, qp.to(DEV, torch.int32), kp.to(DEV, torch.int32), d**-0.5)
+    out_d, lse_d = log_attention_fwd(*args, decode=True, num_splits=2)
+    out_r, lse_r = log_attention_fwd(*args, decode=False)
+    torch.testing.assert_close(out_d, out_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse_d, lse_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, out_r, atol=1e-6, rtol=1e-6)
+    if not _HAS_CUDA:
+        # bf16 runs in fp32 under the interpreter but is routed as bf16 (split-K), as on a GPU.
+        counter.launches = 0
+        log_attention_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), qp, kp, d**-0.5)
+        assert counter.launches == 1
+
+
+def test_autotune_candidates():
+    # Every kernel / head dim / precision keeps at least two candidates and its table default (the launch
+    # of TCOPILOT_AUTOTUNE=0); the 4-warp candidates that spilled on sm_90 are gone where 8 warps do not.
+    for kind in ("fwd", "dkdv", "dq"):
+        for fp32 in (False, True):
+            dtype = torch.float32 if fp32 else torch.float16
+            for dim, (_, _, warps, stages) in triton_impl._blocks_table(kind, fp32).items():
+                got = [(c.num_warps, c.num_stages) for c in triton_impl._tune_configs(kind, dim, dtype)]
+                assert len(got) >= 2 and (warps, stages) in got, (kind, fp32, dim, got)
+                assert len(set(got)) == len(got)
+    assert all(c.num_warps == 8 for c in triton_impl._tune_configs("fwd", 128, torch.bfloat16))
+    assert all(c.num_warps == 8 for c in triton_impl._tune_configs("dkdv", 64, torch.float16))
+    assert len(triton_impl._tune_configs("dq", 64, torch.bfloat16)) == 6
 
 
 # ------------------------------------------------------------------------------------------------ skipping

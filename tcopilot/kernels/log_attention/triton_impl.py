@@ -21,7 +21,9 @@ Design:
 * Decode (small Lq, e.g. 1 against a long cache): split-K "flash-decoding". The Hq/Hk query heads of a
   kv head (times Lq) are packed as the rows of one tile, so K/V are read once per group; several
   programs split the key range and write partial (max, sum, acc); a small kernel combines them and also
-  writes ``lse``, so the same autograd backward serves this path.
+  writes ``lse``, so the same autograd backward serves this path. fp32 takes it only at the head dims and
+  packed row counts where it compiles without register spills (``_FP32_DECODE_MAX_ROWS``), the regular
+  forward kernel otherwise.
 * Keys with a negative position are never read (masked loads with 0), so garbage or NaN in padded cache
   slots cannot reach the output; skipped tiles are not read at all.
 
@@ -32,6 +34,7 @@ Row offsets inside one (batch, head) slice are 32-bit; batch and head offsets ar
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 
@@ -95,18 +98,36 @@ _DQ_CFG = {
 # * 256: the old 128 entries spilled 1644 B (forward), 29928 B (dK/dV: 32 registers used, the rest in
 #   local memory) and 3592 B (dQ). (16, 16, 8, 1) spills 0 / 428 / 232 B, the least of the
 #   block sizes tried; dK/dV at 256 in fp32 cannot avoid spills in this design (16 is tl.dot's minimum).
+# * 64, dK/dV: (32, 32, 4, 2) spilled 24 B (4 warps / 3 stages: 40 B); with 8 warps no stage count spills
+#   (195-246 registers), hence (32, 32, 8, 2).
+# * 32, dK/dV: the (32, 32) tile of 16 and 64 spilled at every warps/stages tried (24-200 B; 4 warps /
+#   2 stages 136 B): ptxas lays the narrow fp32 tiles out badly. (32, 64) spills 0 B at all six (183-229
+#   registers); 16 keeps (32, 32): 0 B at all six (168-249 registers). (Head dims 16 and 32 are not in
+#   sm90_compile.py's table: compiled with its 64 cases rescaled.)
 _FP32_FWD_CFG = {**dict.fromkeys((16, 32, 64), (64, 32, 4, 2)), 128: (32, 32, 4, 2), 256: (16, 16, 8, 1)}
-_FP32_DKDV_CFG = {**dict.fromkeys((16, 32, 64), (32, 32, 4, 2)), 128: (32, 16, 8, 2), 256: (16, 16, 8, 1)}
+_FP32_DKDV_CFG = {16: (32, 32, 4, 2), 32: (32, 64, 8, 2), 64: (32, 32, 8, 2), 128: (32, 16, 8, 2), 256: (16, 16, 8, 1)}
 _FP32_DQ_CFG = {**dict.fromkeys((16, 32, 64), (64, 32, 4, 2)), 128: (32, 16, 8, 3), 256: (16, 16, 8, 1)}
 # Decode key tile per head dim (memory-bound: wide tiles, but the per-element K/V pointers cost registers).
 _DECODE_BLOCK_N = {16: 128, 32: 128, 64: 64, 128: 32, 256: 16}
+# fp32 split-K decode: the most packed rows (BLOCK_M) per head dim at which the split-K kernel compiles
+# without spills; a larger fp32 tile takes the regular forward kernel instead (its fp32 tables spill 0 B
+# at every head dim). Split-K fp32 spills whatever the key tile (16 or 32) and warps (4 or 8): head dim
+# 128, 32 rows 104-248 B, 64 rows 320-456 B; 256, 16 rows 284-528 B, 32 rows 6608-9184 B (32 registers,
+# the rest in local memory), 64 rows 2320 B. Up to 64 rows at head dim <= 64 (key tile 32, see
+# _decode_cfg) and 16 rows at 128 it spills 0 B.
+_FP32_DECODE_MAX_ROWS = {16: 64, 32: 64, 64: 64, 128: 16, 256: 0}
 
 
-def _decode_cfg(key_dim: int, block_m: int) -> tuple[int, int, int]:
+def _decode_cfg(key_dim: int, block_m: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) for the split-K kernel with ``block_m`` packed query rows."""
     block_n = _DECODE_BLOCK_N[key_dim]
     if block_m <= 16:
         return block_n, 4, 2
+    if dtype == torch.float32 and key_dim <= 64:
+        # fp32 with 32 or 64 packed rows: the half-precision key tiles spilled (head dim 64, 64 rows, 64 keys:
+        # 140 B; head dim 32, 128 keys: 32 rows 10148 B, 64 rows 64 B; head dim 16, 32 rows: 44 B). 32 keys
+        # and 8 warps spill 0 B at every head dim <= 64 and both row counts (120-241 registers).
+        return 32, 8, 2
     # Larger packed tiles (GQA groups x Lq): 8 warps, and half the key tile from 128 on (register spills).
     return (block_n if key_dim <= 64 else max(16, block_n // 2)), 8, 2
 
@@ -116,16 +137,55 @@ def _decode_cfg(key_dim: int, block_m: int) -> tuple[int, int, int]:
 _INTERP_BLOCK = 16
 
 
-def _tune_configs():
+# 4-warp autotune candidates dropped per (kernel, padded head dim, fp32): those ptxas showed to spill
+# registers (sm_90a, Triton 3.9, benchmarks/results/sm90-compile.md) where 8-warp candidates of the same
+# tile do not (or, fp32 dK/dV and dQ at 256, spill 2-3x less). A spilling candidate cannot win the race,
+# but a GPU run compiles and times it for every autotune key. Spills at stages 1 / 2 / 3:
+_TUNE_DROP = {
+    # bf16/fp16 forward, (128, 64): 148 / 392 / 424 B at 255 registers; 8 warps 0 B (180-195 registers).
+    ("fwd", 128, False): {(4, 1), (4, 2), (4, 3)},
+    # bf16/fp16 forward, (64, 64): 100 / 8 / 20 B; 8 warps 0 B (215-232 registers).
+    ("fwd", 256, False): {(4, 1), (4, 2), (4, 3)},
+    # bf16/fp16 dK/dV, (32, 128): 20 / 172 / 192 B; 8 warps 0 B (144-177 registers).
+    ("dkdv", 64, False): {(4, 1), (4, 2), (4, 3)},
+    # bf16/fp16 dK/dV, (32, 64): 4 warps / 2 stages 16 B; stages 1 and 3 spill 0 B (at 255 registers).
+    ("dkdv", 128, False): {(4, 2)},
+    # fp32 dK/dV, (32, 32): - / 24 / 40 B; stage 1 and 8 warps 0 B.
+    ("dkdv", 64, True): {(4, 2), (4, 3)},
+    # fp32 dK/dV, (32, 16): - / 244 / 244 B; stage 1 and 8 warps 0 B.
+    ("dkdv", 128, True): {(4, 2), (4, 3)},
+    # fp32 dQ, (32, 16): 80 / 132 / 152 B; 8 warps 8 / 16 / 0 B (kept: at least two candidates).
+    ("dq", 128, True): {(4, 1), (4, 2), (4, 3)},
+    # fp32 at 256, (16, 16): forward 80 / 128 / 148 B, 8 warps 0 B; dK/dV 1348 / 2068 / 2132 B, 8 warps
+    # 428 / 1020 / 1020 B; dQ 700 / 748 / 804 B, 8 warps 232 / 324 / 308 B.
+    ("fwd", 256, True): {(4, 1), (4, 2), (4, 3)},
+    ("dkdv", 256, True): {(4, 1), (4, 2), (4, 3)},
+    ("dq", 256, True): {(4, 1), (4, 2), (4, 3)},
+}
+
+
+def _tune_configs(kind: str, key_dim: int, dtype: torch.dtype) -> list[triton.Config]:
+    """Autotune candidates (warps, stages) of kernel ``kind`` ("fwd", "dkdv", "dq") at this head dim."""
     # No num_stages=4: for all three kernels (bf16 and fp32, head dims 64 and 128) it compiled to exactly
     # the same PTX as num_stages=3 (sm_90a, Triton 3.9, benchmarks/sm90_compile.py): two more candidates
     # compiled and timed per autotune key for nothing.
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+    fp32 = dtype == torch.float32
+    drop = _TUNE_DROP.get((kind, key_dim, fp32), set())
+    table = _blocks_table(kind, fp32)[key_dim][2:]
+    # The table's own (warps, stages) always stays: TCOPILOT_AUTOTUNE=0 launches it.
+    return [
+        triton.Config({}, num_warps=w, num_stages=s)
+        for w in (4, 8)
+        for s in (1, 2, 3)
+        if (w, s) not in drop or (w, s) == table
+    ]
 
 
-def _tuned(kernel):
+@functools.cache
+def _tuned(kind: str, key_dim: int, fp32: bool):
     """Autotuned wrapper on CUDA (warps/stages only), unless TCOPILOT_AUTOTUNE=0 asks for the table."""
-    return triton.autotune(configs=_tune_configs(), key=["HEAD_DIM", "V_DIM", "BLOCK_M", "BLOCK_N"])(kernel)
+    configs = _tune_configs(kind, key_dim, torch.float32 if fp32 else torch.bfloat16)
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "V_DIM", "BLOCK_M", "BLOCK_N"])(_KERNELS[kind])
 
 
 def _poison() -> bool:
@@ -555,10 +615,12 @@ def _log_attention_bwd_dq_kernel(
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))  # fmt: skip
 
 
-# Autotuned wrappers (CUDA only); the plain kernels above are what the interpreter runs.
-_fwd_tuned = _tuned(_log_attention_fwd_kernel)
-_dkdv_tuned = _tuned(_log_attention_bwd_dkdv_kernel)
-_dq_tuned = _tuned(_log_attention_bwd_dq_kernel)
+# The autotuned kernels; _tuned wraps them on CUDA (the plain kernels are what the interpreter runs).
+_KERNELS = {
+    "fwd": _log_attention_fwd_kernel,
+    "dkdv": _log_attention_bwd_dkdv_kernel,
+    "dq": _log_attention_bwd_dq_kernel,
+}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -637,22 +699,25 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if _interpreting() else "tf32x3"
 
 
-def _blocks(kind: str, dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if _interpreting():
-        return _INTERP_BLOCK, _INTERP_BLOCK, 4, 1
-    tables = {
+def _blocks_table(kind: str, fp32: bool) -> dict[int, tuple[int, int, int, int]]:
+    return {
         "fwd": (_FWD_CFG, _FP32_FWD_CFG),
         "dkdv": (_DKDV_CFG, _FP32_DKDV_CFG),
         "dq": (_DQ_CFG, _FP32_DQ_CFG),
-    }[kind]
-    return tables[dtype == torch.float32][dim]
+    }[kind][fp32]
 
 
-def _launch(kernel, tuned, grid, args, block_m, block_n, warps, stages, **meta):
+def _blocks(kind: str, dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    if _interpreting():
+        return _INTERP_BLOCK, _INTERP_BLOCK, 4, 1
+    return _blocks_table(kind, dtype == torch.float32)[dim]
+
+
+def _launch(kind, grid, args, key_dim, dtype, block_m, block_n, warps, stages, **meta):
     if _use_autotune():
-        tuned[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+        _tuned(kind, key_dim, dtype == torch.float32)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
     else:
-        kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **meta)
+        _KERNELS[kind][grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **meta)
 
 
 def _decode_splits(bsz: int, hk: int, nkb: int, device: torch.device) -> int:
@@ -663,8 +728,11 @@ def _decode_splits(bsz: int, hk: int, nkb: int, device: torch.device) -> int:
     return max(1, min(nkb, _cdiv(2 * sms, bsz * hk)))
 
 
-def _use_decode(lq: int, group: int) -> bool:
-    return lq <= _DECODE_MAX_LQ and lq * group <= _DECODE_MAX_ROWS
+def _use_decode(lq: int, group: int, key_dim: int, dtype: torch.dtype) -> bool:
+    """Split-K decode for few packed rows; fp32 only where that kernel compiles without spills."""
+    if lq > _DECODE_MAX_LQ or lq * group > _DECODE_MAX_ROWS:
+        return False
+    return dtype != torch.float32 or _pow2_dim(lq * group) <= _FP32_DECODE_MAX_ROWS[key_dim]
 
 
 def log_attention_fwd(
@@ -681,7 +749,8 @@ def log_attention_fwd(
     """Forward launcher: ``(out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] fp32, +inf = no key)``.
 
     Expects last-dim-contiguous q/k/v and int32 contiguous positions (``log_attention_triton`` prepares
-    them). ``decode`` forces (True) or forbids (False) the split-K path; default: small Lq takes it.
+    them). ``decode`` forces (True) or forbids (False) the split-K path; default ``_use_decode``: small Lq x
+    group takes it (fp32 only at the head dims and row counts where it compiles without spills).
     ``num_splits`` overrides the split-K factor (tests use it to exercise uneven splits).
     """
     bsz, hq, lq, d = q.shape
@@ -695,11 +764,11 @@ def log_attention_fwd(
     prec = _dot_precision(q.dtype)
     dims = dict(HEAD_DIM=d, V_DIM=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PREC=prec)
     if decode is None:
-        decode = _use_decode(lq, group)
+        decode = _use_decode(lq, group, key_dim, q.dtype)
 
     if decode:
         block_m = _pow2_dim(lq * group)
-        block_n, warps, stages = _decode_cfg(key_dim, block_m)
+        block_n, warps, stages = _decode_cfg(key_dim, block_m, q.dtype)
         if _interpreting():
             block_n = _INTERP_BLOCK
         nkb = _cdiv(lk, block_n)
@@ -734,8 +803,7 @@ def log_attention_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         hq, group, lq, lk, nqb, nkb,
     )  # fmt: skip
-    _launch(_log_attention_fwd_kernel, _fwd_tuned, (bsz * hq * nqb,), args, block_m, block_n, warps, stages,
-            **dims)  # fmt: skip
+    _launch("fwd", (bsz * hq * nqb,), args, key_dim, q.dtype, block_m, block_n, warps, stages, **dims)
     return out, lse
 
 
@@ -790,8 +858,7 @@ def log_attention_bwd(
         dv.stride(0), dv.stride(1), dv.stride(2),
         hq, hk, group, lq, lk, nqb, nkb,
     )  # fmt: skip
-    _launch(_log_attention_bwd_dkdv_kernel, _dkdv_tuned, (bsz * hk * nkb,), args, block_m, block_n, warps,
-            stages, **dims)  # fmt: skip
+    _launch("dkdv", (bsz * hk * nkb,), args, key_dim, q.dtype, block_m, block_n, warps, stages, **dims)
 
     block_m, block_n, warps, stages = _blocks("dq", key_dim, q.dtype)
     nqb, nkb = _cdiv(lq, block_m), _cdiv(lk, block_n)
@@ -805,8 +872,7 @@ def log_attention_bwd(
         dq.stride(0), dq.stride(1), dq.stride(2),
         hq, group, lq, lk, nqb, nkb,
     )  # fmt: skip
-    _launch(_log_attention_bwd_dq_kernel, _dq_tuned, (bsz * hq * nqb,), args, block_m, block_n, warps, stages,
-            **dims)  # fmt: skip
+    _launch("dq", (bsz * hq * nqb,), args, key_dim, q.dtype, block_m, block_n, warps, stages, **dims)
     return dq, dk, dv
 
 
@@ -814,8 +880,8 @@ class LogAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out and the fp32 lse; the backward recomputes the probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, k_pos, scale):
-        out, lse = log_attention_fwd(q, k, v, q_pos, k_pos, scale)
+    def forward(ctx, q, k, v, q_pos, k_pos, scale, decode=None):
+        out, lse = log_attention_fwd(q, k, v, q_pos, k_pos, scale, decode=decode)
         ctx.save_for_backward(q, k, v, out, lse, q_pos, k_pos)
         ctx.scale = scale
         return out
@@ -825,7 +891,7 @@ class LogAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, out, lse, q_pos, k_pos = ctx.saved_tensors
         dq, dk, dv = log_attention_bwd(do, q, k, v, out, lse, q_pos, k_pos, ctx.scale)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _positions_int32(pos: torch.Tensor) -> torch.Tensor:
@@ -862,12 +928,15 @@ def log_attention_triton(
         _check_row_offsets(name, t)
     q_pos32, k_pos32 = _positions_int32(q_pos), _positions_int32(k_pos)
     out_dtype = q.dtype
+    # Routed on the caller's dtype: the interpreter's fp32 stand-in for bf16 (below) takes bf16's path.
+    key_dim = max(_pow2_dim(q.shape[-1]), _pow2_dim(v.shape[-1]))
+    decode = _use_decode(q.shape[2], q.shape[1] // k.shape[1], key_dim, q.dtype)
     if _interpreting() and q.dtype == torch.bfloat16:
         # The interpreter's bf16 tl.dot multiplies raw bit patterns (triton issue 11584): compute in fp32.
         q, k, v = q.float(), k.float(), v.float()
     ctx = torch.cuda.device(q.device) if q.is_cuda else nullcontext()
     with ctx:
-        out = LogAttentionFunction.apply(q, k, v, q_pos32, k_pos32, float(scale))
+        out = LogAttentionFunction.apply(q, k, v, q_pos32, k_pos32, float(scale), decode)
     return out.to(out_dtype)
 
 
