@@ -311,6 +311,9 @@ class TransformerCopilot(nn.Module):
     uniformly from that buffer instead of the current batch (:func:`tcopilot.replay.replay_copilot_loss`);
     a default ``MistakeLog()`` is created when none is given. Outside training, replay mode computes the
     exact online Copilot loss of the given batch.
+
+    ``impl`` (``"auto"``, ``"torch"``, ``"triton"``) is passed to the fused ops; with ``"triton"``,
+    :func:`tcopilot.copilot_error_loss`, which has no Triton kernel, runs its PyTorch path (as ``"auto"`` does).
     """
 
     def __init__(self, pilot: nn.Module, copilot: Copilot | None = None, *, impl: str = "auto",
@@ -415,7 +418,9 @@ class TransformerCopilot(nn.Module):
         g = cop(stream.to(cop.error_in.weight.dtype), log_states, pos, log_pos)
         copilot_loss = copilot_error_loss(
             g.reshape(bsz * length, c), cop.error_out.weight, cop.error_out.bias, cap, flat_target,
-            ignore_index=ignore_index, impl=self.impl,
+            # no Triton kernel for this op (the Gram form is a few small GEMMs): a model asked for the Triton
+            # kernels uses them where they exist, as "auto" does on CUDA
+            ignore_index=ignore_index, impl="auto" if self.impl == "triton" else self.impl,
         )
         return CopilotOutput(cap.loss + copilot_loss, cap.loss, copilot_loss, n_tok)
 

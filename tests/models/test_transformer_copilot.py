@@ -90,3 +90,24 @@ def test_bad_inputs():
     other = Copilot.from_pilot(tiny_pilot("llama", vocab=50))
     with pytest.raises(ValueError, match="vocab_size"):
         TransformerCopilot(model.pilot, other)
+
+
+def test_impl_triton_model_runs_copilot_error_loss_on_its_torch_path(monkeypatch):
+    """``TransformerCopilot(impl="triton")``: the Triton kernels where they exist; copilot_error_loss has none, so it
+    gets "auto" (its PyTorch path), not an explicit "triton" that it would refuse."""
+    import tcopilot.pilot as pilot_mod
+    from tcopilot.testing import left_padded_prompts
+
+    seen = []
+    real = pilot_mod.copilot_error_loss
+
+    def spy(*args, impl, **kwargs):
+        seen.append(impl)
+        return real(*args, impl=impl, **kwargs)
+
+    monkeypatch.setattr(pilot_mod, "copilot_error_loss", spy)
+    model = tiny_pair("llama")
+    model.impl = "triton"
+    ids, mask = left_padded_prompts()
+    out = model(ids, attention_mask=mask)
+    assert torch.isfinite(out.loss) and seen == ["auto"]
