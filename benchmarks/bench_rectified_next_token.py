@@ -72,16 +72,20 @@ GPU_SHAPES = [Shape(b, v, torch.bfloat16) for v in (128256, 151936) for b in (1,
 GPU_FULL_ONLY = {s for s in GPU_SHAPES if s.vocab == 151936}
 
 
-def _cases():
+def _grid(cpu_shapes, gpu_shapes, modes, providers, full_only, prefix=""):
+    """pytest params ``(shape, mode, provider)`` over shapes x modes x providers, CPU shapes then GPU ones."""
     out = []
-    for gpu, shapes in ((False, CPU_SHAPES), (True, GPU_SHAPES)):
+    for gpu, shapes in ((False, cpu_shapes), (True, gpu_shapes)):
         for shape in shapes:
-            for mode in MODES:
-                for prov in PROVIDERS:
-                    cid = f"{shape.id}-{dtype_name(shape.dtype)}-{mode}-{prov}"
-                    out.append(case((shape, mode, prov), id=cid, gpu=gpu, full=shape in GPU_FULL_ONLY,
-                                    provider=prov))
+            for mode in modes:
+                for prov in providers:
+                    cid = f"{prefix}{shape.id}-{dtype_name(shape.dtype)}-{mode}-{prov}"
+                    out.append(case((shape, mode, prov), id=cid, gpu=gpu, full=shape in full_only, provider=prov))
     return out
+
+
+def _cases():
+    return _grid(CPU_SHAPES, GPU_SHAPES, MODES, PROVIDERS, GPU_FULL_ONLY)
 
 
 def eager_sample(z, f, lam: float, temperature: float, top_k: int, top_p: float):
@@ -184,15 +188,7 @@ HEAD_INPUTS = OneSlot()
 
 
 def _head_cases():
-    out = []
-    for gpu, shapes in ((False, HEAD_CPU_SHAPES), (True, HEAD_GPU_SHAPES)):
-        for shape in shapes:
-            for mode in HEAD_MODES:
-                for prov in HEAD_PROVIDERS:
-                    cid = f"head-{shape.id}-{dtype_name(shape.dtype)}-{mode}-{prov}"
-                    out.append(case((shape, mode, prov), id=cid, gpu=gpu, full=shape in HEAD_GPU_FULL_ONLY,
-                                    provider=prov))
-    return out
+    return _grid(HEAD_CPU_SHAPES, HEAD_GPU_SHAPES, HEAD_MODES, HEAD_PROVIDERS, HEAD_GPU_FULL_ONLY, prefix="head-")
 
 
 def make_head_inputs(shape: HeadShape):
