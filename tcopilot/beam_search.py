@@ -83,12 +83,12 @@ def beam_search(
     early_stopping: bool | str = False,
 ) -> torch.Tensor:
     """Beam search with both caches; returns ``[B, L + T]`` (validated options: see ``tcopilot.generate``)."""
-    from tcopilot.generate import _PairDecoder
+    from tcopilot.generate import _PairDecoder, _uses_copilot
 
     bsz, length = input_ids.shape
     k, steps = num_beams, max_new_tokens
     device = input_ids.device
-    use_copilot = model.copilot is not None and lam != 0.0
+    use_copilot = _uses_copilot(model, lam)
     n_keep = max(2, 1 + len(eos_token_ids)) * k
     top_k_mask = torch.arange(n_keep, device=device) < k
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)

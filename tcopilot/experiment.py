@@ -198,9 +198,9 @@ def sign_test(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
     return up, down, p
 
 
-def write_report(cfg: ExperimentConfig, rows, times, sizes, wall: float, device: torch.device | None = None) -> str:
+def write_report(cfg: ExperimentConfig, rows, times, sizes, wall: float) -> str:
     base = rows[0]
-    device = device or resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [
         "# tcopilot main job: tiny Pilot with and without a Copilot",

@@ -311,6 +311,22 @@ def reorder_pilot_cache(cache, index: torch.Tensor):
     raise ValueError(f"pilot: cannot reorder its KV cache of type {type(cache).__name__} for beam search")
 
 
+def _check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention mask of a non-empty ``[B, L]`` prompt batch (all ones when None); ValueError otherwise."""
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    return attention_mask
+
+
+def _uses_copilot(model, lam: float) -> bool:
+    """Whether decoding with ``lam`` runs the Copilot at all (``lam=0`` gives the Pilot's own tokens)."""
+    return model.copilot is not None and lam != 0.0
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -391,8 +407,7 @@ def generate(
             change the output but are not implemented.
         TypeError: an unknown keyword (as ``PreTrainedModel.generate`` would).
     """
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids: expected a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")
+    attention_mask = _check_prompts(input_ids, attention_mask)
     o = resolve_generation_options(
         input_ids.shape[1], generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
@@ -403,12 +418,8 @@ def generate(
     check_finite("lam", lam)
     check_choice("fusion", fusion, ("probs", "logits"))
     check_choice("impl", impl, IMPLS)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
 
-    use_copilot = model.copilot is not None and lam != 0.0
+    use_copilot = _uses_copilot(model, lam)
     if max_new_tokens == 0:
         return input_ids
     if o["num_beams"] > 1:
@@ -476,20 +487,15 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
         raise ValueError("settings: expected at least one (lam, fusion) pair, got none")
     for _, fusion in settings:
         check_choice("fusion", fusion, ("probs", "logits"))
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids: expected a non-empty [batch, length] tensor, got {tuple(input_ids.shape)}")
+    attention_mask = _check_prompts(input_ids, attention_mask)
     impl, generator = options.pop("impl", "auto"), options.pop("generator", None)
     check_choice("impl", impl, IMPLS)
     o = resolve_generation_options(input_ids.shape[1], options.pop("generation_config", None), **options)
     if o["num_beams"] != 1:
         raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     if o["max_new_tokens"] == 0:
         return {setting: input_ids for setting in settings}
-    uses = {setting: model.copilot is not None and setting[0] != 0.0 for setting in settings}
+    uses = {setting: _uses_copilot(model, setting[0]) for setting in settings}
     results = {}
     with pilot_states(model.pilot) as states:
         root = _PairDecoder(model, states, any(uses.values()))
