@@ -111,16 +111,16 @@ def _load_or_train(name: str, cfg: ExperimentConfig, tok, examples, with_copilot
     """Train one model pair (resuming an interrupted run); returns (model, mean step time or None)."""
     out_dir = os.path.join(cfg.run_dir, name)
     pilot_dir = os.path.join(out_dir, "pilot")
-    torch.manual_seed(cfg.seed)
-    pilot = build_pilot(tok.vocab_size, cfg, tok.pad_token_id)
-    copilot = Copilot.from_pilot(pilot, num_hidden_layers=cfg.copilot_layers) if with_copilot else None
     device = resolve_device(cfg.device)
-    model = TransformerCopilot(pilot, copilot).to(device)
     rank, world = dist_info()
     done = os.path.exists(os.path.join(pilot_dir, "config.json"))
     barrier()  # several processes: every rank has looked before rank 0 writes
     if done:
         return load_run_model(out_dir, device), None
+    torch.manual_seed(cfg.seed)
+    pilot = build_pilot(tok.vocab_size, cfg, tok.pad_token_id)
+    copilot = Copilot.from_pilot(pilot, num_hidden_layers=cfg.copilot_layers) if with_copilot else None
+    model = TransformerCopilot(pilot, copilot).to(device)
     trainer = Trainer(model, examples, cfg.train, out_dir, pad_token_id=tok.pad_token_id, progress=progress)
     trainer.train()
     if world == 1:
