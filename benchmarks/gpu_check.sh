@@ -5,6 +5,7 @@
 #
 # Made to fit in 8 minutes on an H100 (GPU_CHECK_BUDGET_S, default 470 s, for everything): every stage runs
 # under its own `timeout`, so a hang in one stage still leaves a report.
+#   0. peers: pip install .whl/*.whl (if any, from benchmarks/carry_wheels.sh) into a private folder  (60 s)
 #   1. versions, nvidia-smi                         -> $OUT/versions.txt
 #   2. ceilings: 1 GiB device copy, bf16 8192^3 matmul -> $OUT/ceilings.json           (60 s)
 #   3. pip install --no-deps --no-build-isolation -e .  (torch is there; no internet)  (90 s; PYTHONPATH
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU image names its Python python3 only
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 TESTS_MAX=${GPU_TESTS_TIMEOUT_S:-240}
@@ -57,6 +58,16 @@ stage() {
   tail -n 8 "$log"
   echo "=== [$name] $note after ${dt}s ($(left)s of the budget left)"
 }
+
+# 0. peers' wheels --------------------------------------------------------------------------------------
+# The GPU machine has no internet: liger-kernel / cut-cross-entropy come as wheels in .whl/ (carried there by
+# benchmarks/carry_wheels.sh). A private --target folder leaves the image's own packages untouched.
+PEERS_DIR=${PEERS_DIR:-/tmp/tcopilot-peers}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  stage peers 60 "$OUT/peers.log" "$PY" -m pip install --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$PEERS_DIR" .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:$PEERS_DIR"  # holds only the peers (--no-deps): nothing of the image is shadowed
+fi
 
 # 1. versions -------------------------------------------------------------------------------------------
 stage versions 30 "$OUT/versions.txt" bash -c "
