@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU image names its Python python3 only
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the device README names python3 as the Python that holds torch
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 TESTS_MAX=${GPU_TESTS_TIMEOUT_S:-240}
