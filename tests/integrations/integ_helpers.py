@@ -28,6 +28,15 @@ def examples(n: int = 16, length: int = 12, seed: int = 0) -> list[dict]:
 collate_fn = functools.partial(collate, pad_token_id=0)
 
 
+def ckpt_flag() -> str:
+    """The name of TrainingArguments' checkpointing switch: ``activation_checkpointing`` (transformers >= 5.2x) or
+    ``gradient_checkpointing`` (older, e.g. the 5.17 of the lent GPU image); the code under test accepts both."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def hf_args(output_dir, **kw):
     from transformers import TrainingArguments
 

@@ -75,10 +75,11 @@ def test_pilot_without_lm_head():
 
 def test_activation_checkpointing_on_a_pilot_without_it():
     pytest.importorskip("accelerate")
+    from integ_helpers import ckpt_flag
     from transformers import TrainingArguments
 
     from tcopilot.integrations.trainer import _enable_pilot_checkpointing
 
-    args = TrainingArguments("unused", activation_checkpointing=True, report_to=[], use_cpu=True)
+    args = TrainingArguments("unused", report_to=[], use_cpu=True, **{ckpt_flag(): True})
     with pytest.raises(ValueError, match="set activation_checkpointing=False"):
         _enable_pilot_checkpointing(torch.nn.Linear(2, 2), args)

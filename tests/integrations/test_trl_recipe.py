@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from integ_helpers import collate_fn, examples, hf_args, train_logs  # noqa: E402
+from integ_helpers import ckpt_flag, collate_fn, examples, hf_args, train_logs  # noqa: E402
 
 from tcopilot.integrations import CopilotTrainer, load_checkpoint  # noqa: E402
 from tcopilot.testing import tiny_pair  # noqa: E402
@@ -72,7 +72,7 @@ def test_trl_recipe_trains_pilot_and_copilot(tmp_path, offline, capsys):
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
 
     # SFTConfig's default activation checkpointing went to the Pilot; the flag is restored after training
-    assert _checkpointing(trainer.model.pilot) and trainer.args.activation_checkpointing
+    assert _checkpointing(trainer.model.pilot) and getattr(trainer.args, ckpt_flag())
 
     # the checkpoint holds both models and loads into a fresh pair
     ckpt = tmp_path / "checkpoint-2"
@@ -109,10 +109,10 @@ def test_activation_checkpointing_goes_to_the_pilot(tmp_path):
     states = []
     for on in (False, True):
         model = tiny_pair("llama")
-        args = hf_args(tmp_path / str(on), max_steps=2, activation_checkpointing=on)
+        args = hf_args(tmp_path / str(on), max_steps=2, **{ckpt_flag(): on})
         tr = CopilotTrainer(model=model, args=args, train_dataset=examples(), data_collator=collate_fn)
         tr.train()
-        assert _checkpointing(model.pilot) == on and tr.args.activation_checkpointing == on
+        assert _checkpointing(model.pilot) == on and getattr(tr.args, ckpt_flag()) == on
         states.append(model.state_dict())
     for name, p in states[0].items():
         torch.testing.assert_close(states[1][name], p, rtol=1e-6, atol=1e-7, msg=name)
