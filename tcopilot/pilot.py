@@ -191,24 +191,24 @@ def pilot_logit_scale(config) -> float | None:
 
 
 def lm_head_operands(lm_head: nn.Module, hidden: torch.Tensor, scale: float | None):
-    """``(hidden', weight')`` whose product ``hidden' @ weight'^T`` is the Pilot's logits ``scale * lm_head(hidden)``,
-    for the fused ops, which read a weight instead of calling the head (``hidden`` is ``[N, d]``).
+    """``(hidden', weight, bias')`` such that ``hidden' @ weight^T + bias'`` is the Pilot's logits
+    ``scale * lm_head(hidden)``, for the fused ops, which read a weight (and bias) instead of calling the head
+    (``hidden`` is ``[N, d]``; ``bias'`` is ``None`` for a bias-free head).
 
-    The scale goes into the hidden state: ``(s h) W^T = s (h W^T)`` exactly, with the gradients of ``h`` and ``W``
-    unchanged and no ``[N, V]`` tensor. A bias ``b`` (Phi, GPT-J, CodeGen) is folded in as one more feature:
-    ``[s h, s] [W, b]^T = s (h W^T + b)``, so ``b`` gets its gradient too. The fold costs a copy of the head into a
-    ``[V, d+1]`` tensor (and of its gradient back into ``W`` and ``b``) per forward, about the size of the LM head
-    weight in memory and traffic, plus a ``[N, d+1]`` copy of the hidden states; bias-free heads pay nothing.
+    The scale goes into the hidden state and the bias: ``s (h W^T + b) = (s h) W^T + s b`` exactly, with no
+    ``[N, V]`` tensor; both are ordinary differentiable products, so ``h`` and ``b`` get the gradients of the
+    scaled loss and ``W`` is passed as is (never copied). A bias ``b`` (Phi, GPT-J, CodeGen) is handed to
+    :func:`tcopilot.logit_capture` as its ``bias``, which adds it inside each chunk's GEMM and returns
+    ``d b = sum_i dz_i``: the only copies are the ``[V]`` ``s b`` and the ``[N, d]`` ``s h`` when scaled.
     """
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if bias is not None:
+        bias = bias.to(weight.dtype)  # a no-op for nn.Linear (one dtype); logit_capture wants weight's dtype
     if scale is not None:
         hidden = hidden * scale
-    if bias is not None:
-        col = torch.full((hidden.shape[0], 1), 1.0 if scale is None else scale, dtype=hidden.dtype,
-                         device=hidden.device)
-        hidden = torch.cat([hidden, col], dim=1)
-        weight = torch.cat([weight, bias.to(weight.dtype)[:, None]], dim=1)
-    return hidden, weight
+        if bias is not None:
+            bias = bias * scale
+    return hidden, weight, bias
 
 
 def _check_lm_head(pilot: nn.Module) -> None:
@@ -382,12 +382,13 @@ class TransformerCopilot(nn.Module):
         replaying = record and self.log_mode == "replay" and self.copilot is not None
         vocab = lm_head.weight.shape[0]
         values = self.copilot.capture_values() if self.copilot is not None and not replaying else None
-        head_in, head_w = lm_head_operands(lm_head, hidden.reshape(bsz * length, -1), self.logit_scale)
+        head_in, head_w, head_b = lm_head_operands(lm_head, hidden.reshape(bsz * length, -1), self.logit_scale)
         cap = logit_capture(
             head_in,
             head_w,
             flat_target,
             values,
+            bias=head_b,
             ignore_index=ignore_index,
             softcap=self.softcap,
             num_items_in_batch=num_items_in_batch,

@@ -158,6 +158,51 @@ def test_mismatched_dtypes_outside_autocast_raise(h_dtype, w_dtype):
             logit_capture(h.to(h_dtype), w.to(w_dtype), y, v)
 
 
+def _bias(seed=5, dtype=torch.float32):
+    return (torch.randn(V, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1.5).to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("amp_dtype", "impl"),
+    [(torch.bfloat16, "torch"), pytest.param(torch.float16, "triton", marks=needs_interpreter)],
+)
+def test_autocast_casts_bias_like_weight(amp_dtype, impl):
+    """fp32 leaves including the bias: inside autocast the bias is cast with the weight (as F.linear does),
+    the op matches the oracle on the rounded inputs, and d bias comes back fp32."""
+    h, w, y, v, _ = _inputs()
+    b = _bias()
+    leaves = _leaves(h, w, v, b)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        cap = logit_capture(leaves[0], leaves[1], y, leaves[2], bias=leaves[3], softcap=5.0, impl=impl)
+    grads = _backward(cap, leaves)
+    exact = _leaves(*(t.to(amp_dtype).double() for t in (h, w, v, b)))
+    ref = logit_capture_reference(exact[0], exact[1], y, exact[2], bias=exact[3], softcap=5.0)
+    ref_grads = _backward(ref, exact)
+    # bf16 gradients (8 bits of mantissa) before the cast back; fp16 chunk logits on the Triton path.
+    stat_tol, grad_tol = (1e-5, 1e-2) if impl == "torch" else (5e-3, 1e-2)
+    for name in ("loss", "lse", "p_target", "p_sq_sum", "p_values"):
+        assert getattr(cap, name).dtype == torch.float32, name
+        _assert_close(getattr(cap, name), getattr(ref, name), stat_tol, stat_tol, name)
+    for name, got, want in zip(("hidden", "weight", "values", "bias"), grads, ref_grads):
+        assert got.dtype == torch.float32, (name, got.dtype)
+        _assert_close(got, want, grad_tol, grad_tol, f"d {name}")
+
+
+def test_bias_dtype_follows_weight():
+    """Outside autocast the bias must have the weight's dtype; inside, an fp32 bias is cast with an fp32
+    weight to meet a bf16 hidden, while an fp64 bias (left alone by autocast) is refused."""
+    h, w, y, v, _ = _inputs()
+    hb = h.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bias: expected dtype bfloat16 \\(the dtype of weight\\), got float32"):
+        logit_capture(hb, w.to(torch.bfloat16), y, v, bias=_bias())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cap = logit_capture(hb, w, y, v, bias=_bias())
+        with pytest.raises(ValueError, match="bias: expected dtype bfloat16.*got float64"):
+            logit_capture(hb, w, y, v, bias=_bias(dtype=torch.float64))
+    ref = logit_capture_reference(hb.double(), w.to(torch.bfloat16).double(), y, v, bias=_bias(dtype=torch.bfloat16))
+    _assert_close(cap.loss, ref.loss, 1e-5, 1e-5, "loss")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------------------
@@ -271,6 +316,37 @@ def test_compiled_cuda_autocast_triton_gpu(backend):
     _assert_same(*results, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("impl", "bias_grad"),
+    [("torch", True), ("torch", False), pytest.param("triton", True, marks=needs_interpreter)],
+)
+def test_compiled_with_bias(impl, bias_grad):
+    """The custom ops carry the bias (fullgraph, one node): compiled equals eager and the oracle, d bias
+    included; a frozen bias gets no gradient there either."""
+    h, w, y, v, tw = _inputs()
+    b = _bias()
+    kw = dict(reduction="sum", softcap=5.0, z_loss=1e-3, token_weights=tw, topk=2, impl=impl)
+
+    def fn(h, w, v, b):
+        return logit_capture(h, w, y, v, bias=b if bias_grad else b.detach(), **kw)
+
+    eager, compiled = _eager_and_compiled(fn, (h, w, v, b))
+    _assert_same(eager, compiled)  # the captures and d hidden, d weight, d values
+    d_bias = compiled[1][3]
+    assert (d_bias is not None) == bias_grad
+    if bias_grad:
+        torch.testing.assert_close(d_bias, eager[1][3], rtol=1e-6, atol=1e-6)
+    exact = _leaves(*(t.double() for t in (h, w, v, b)))
+    ref_kw = {k: x for k, x in kw.items() if k != "impl"}
+    ref = logit_capture_reference(exact[0], exact[1], y, exact[2], bias=exact[3], **ref_kw)
+    ref_grads = _backward(ref, exact)
+    names = ("hidden", "weight", "values", "bias")
+    for name, got, want in zip(names, compiled[1], ref_grads):
+        if got is not None:
+            _assert_close(got, want, 1e-5, 1e-5, f"d {name}")
+    _assert_close(compiled[0].loss, ref.loss, 1e-6, 1e-6, "loss")
+
+
 def test_compiled_gradient_subsets():
     """Only ``values`` needs a gradient, and ``p_values`` unused: the backward op gets the subsets right."""
     h, w, y, v, _ = _inputs()
@@ -311,16 +387,19 @@ def test_compiled_checks_labels_at_run_time():
         f(h, w, bad)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_custom_ops_pass_opcheck(with_bias):
     h, w, y, v, tw = _inputs()
-    fwd_args = (h.requires_grad_(), w.requires_grad_(), y, v.requires_grad_(), tw, None, IGNORE, "mean", 2)
+    b = torch.randn(V, generator=torch.Generator().manual_seed(4)).requires_grad_() if with_bias else None
+    fwd_args = (h.requires_grad_(), w.requires_grad_(), b, y, v.requires_grad_(), tw, None, IGNORE, "mean", 2)
     fwd_args += (None, 0.0, 0.01, "torch")
     torch.library.opcheck(torch.ops.tcopilot.logit_capture_fwd.default, fwd_args)
     cap = torch.ops.tcopilot.logit_capture_fwd(*fwd_args)
     lse, den = cap[1].detach(), cap[7].detach()
     gl, gv = torch.tensor(1.0), torch.randn(N, K)
-    bwd_args = (h.detach(), w.detach(), y, lse, tw, den, gl, gv, K, torch.float32, True, True, IGNORE, "mean")
-    bwd_args += (None, 0.0, 0.01, "torch")
+    b = b.detach() if b is not None else None
+    bwd_args = (h.detach(), w.detach(), b, y, lse, tw, den, gl, gv, K, torch.float32, True, True, with_bias)
+    bwd_args += (IGNORE, "mean", None, 0.0, 0.01, "torch")
     torch.library.opcheck(torch.ops.tcopilot.logit_capture_bwd.default, bwd_args)
 
 
@@ -350,6 +429,8 @@ def test_sharded_dtensor_weight_is_rejected(monkeypatch):
     h, w, y, v, _ = _inputs()
     with pytest.raises(ValueError, match="weight: expected a plain .*gathered.*DTensor"):
         logit_capture(h, w.as_subclass(DTensor), y, v)
+    with pytest.raises(ValueError, match="bias: expected a plain .*gathered.*DTensor"):
+        logit_capture(h, w, y, v, bias=_bias().as_subclass(DTensor))
 
 
 def test_api_never_reads_dot_data():

@@ -125,6 +125,7 @@ def logit_capture(
     labels: torch.Tensor,
     values: torch.Tensor | None = None,
     *,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     topk: int = 0,
@@ -137,10 +138,10 @@ def logit_capture(
 ) -> Capture:
     r"""The Pilot's LM-head loss and the Mistake Log statistics, without a ``[N x V]`` tensor.
 
-    For every row ``i`` the logits are ``z_i = weight @ hidden_i`` (fp32 accumulation), soft-capped to
-    ``softcap * tanh(z_i / softcap)`` when ``softcap`` is given; ``p_i = softmax(z_i)``. One pass over the
-    vocabulary yields the loss and, per row, ``lse_i``, ``p_i[y_i]``, ``sum_v p_iv^2``, ``p_i @ values`` and
-    optionally the top-k logits (DESIGN.md 4.1). With the Copilot's
+    For every row ``i`` the logits are ``z_i = weight @ hidden_i + bias`` (fp32 accumulation; no ``bias``
+    term without one), soft-capped to ``softcap * tanh(z_i / softcap)`` when ``softcap`` is given;
+    ``p_i = softmax(z_i)``. One pass over the vocabulary yields the loss and, per row, ``lse_i``, ``p_i[y_i]``,
+    ``sum_v p_iv^2``, ``p_i @ values`` and optionally the top-k logits (DESIGN.md 4.1). With the Copilot's
     ``values = [error_in.weight.T | error_out.weight | error_out.bias[:, None]]`` these give the Copilot's
     input embedding and loss exactly (see :func:`tcopilot.copilot_error_loss`).
 
@@ -150,6 +151,9 @@ def logit_capture(
             region: both are cast, see "Autocast"). The full, gathered weight (see "FSDP").
         labels: ``[N]`` int32/int64 target ids in ``[0, V)``, or ``ignore_index`` for rows that do not count.
         values: optional ``[V, k]`` float tensor (any float dtype); ``p_values = p @ values``.
+        bias: optional ``[V]`` LM-head bias (Phi, GPT-J, CodeGen), keyword only; same device and dtype as
+            ``weight`` (inside an autocast region cast like it). Added to each chunk of logits inside its GEMM
+            (before ``softcap``), so it costs no copy of ``weight``; it gets a gradient when it requires one.
         ignore_index: an int, the label of rows that are not counted (0 loss, 0 gradient, ``p_target = 0``).
         reduction: ``"mean"`` (sum over counted rows / ``num_items_in_batch`` or the number of counted rows;
             0.0 when none is counted), ``"sum"`` or ``"none"`` (``[N]``, 0 on ignored rows).
@@ -179,13 +183,13 @@ def logit_capture(
 
     Autocast:
         Inside ``torch.autocast(device_type, dtype=...)`` for the inputs' device type, the op behaves like the
-        matmul it replaces: ``hidden``, ``weight`` and ``values`` (the matmul operands) are cast to the autocast
-        dtype when they are fp16/bf16/fp32 (fp64 is left alone, as autocast does), so an fp32 ``weight``
-        parameter meets a bf16 ``hidden`` coming out of an autocast model. The casts are ordinary
-        differentiable ``.to`` calls: gradients come back in each input's original dtype (an fp32 parameter
-        gets an fp32 gradient). The capture itself then runs with autocast off, with its own fp32
-        accumulation: statistics and loss stay fp32. Outside an autocast region a ``hidden`` / ``weight``
-        dtype mismatch is a ``ValueError``.
+        matmul it replaces: ``hidden``, ``weight`` and ``values`` (the matmul operands) and ``bias`` (as
+        ``F.linear`` casts it) are cast to the autocast dtype when they are fp16/bf16/fp32 (fp64 is left alone,
+        as autocast does), so an fp32 ``weight`` parameter meets a bf16 ``hidden`` coming out of an autocast
+        model. The casts are ordinary differentiable ``.to`` calls: gradients come back in each input's
+        original dtype (an fp32 parameter gets an fp32 gradient). The capture itself then runs with autocast
+        off, with its own fp32 accumulation: statistics and loss stay fp32. Outside an autocast region a
+        ``hidden`` / ``weight`` / ``bias`` dtype mismatch is a ``ValueError``.
 
     torch.compile:
         The op is opaque to ``torch.compile``: while Dynamo traces, the call becomes the custom op
@@ -205,10 +209,11 @@ def logit_capture(
         (FSDP1 ``use_orig_params``) work.
 
     Gradients:
-        ``loss`` -> ``hidden`` and ``weight`` (``dz = (p - target) * dloss``, ``d weight`` accumulated in
-        fp32); ``p_values`` -> ``values`` only (``P^T @ d p_values``): the Mistake Log is detached from the
-        Pilot. ``lse``, ``p_target``, ``p_sq_sum`` and the top-k outputs carry no gradient. Gradients come
-        back in each input's dtype.
+        ``loss`` -> ``hidden``, ``weight`` and ``bias`` (``dz = (p - target) * dloss``; ``d weight`` and
+        ``d bias = sum_i dz_i`` accumulated in fp32, from the same ``dz`` chunks: no ``[N x V]`` tensor, and
+        nothing at all for a ``bias`` without ``requires_grad``); ``p_values`` -> ``values`` only
+        (``P^T @ d p_values``): the Mistake Log is detached from the Pilot. ``lse``, ``p_target``,
+        ``p_sq_sum`` and the top-k outputs carry no gradient. Gradients come back in each input's dtype.
 
     Raises:
         ValueError: naming the argument, with the expected and the received value, for a bad shape, dtype,
@@ -233,11 +238,13 @@ def logit_capture(
     device = hidden.device
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=device, shape=(None, d))
     vocab = weight.shape[0]
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(vocab,))
     if values is not None:
         check_tensor("values", values, ndim=2, dtypes=FLOAT_DTYPES, device=device, shape=(vocab, None))
     compiling = torch.compiler.is_compiling()
     if not compiling:
-        for name, t in (("hidden", hidden), ("weight", weight), ("values", values)):
+        for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias), ("values", values)):
             _check_not_sharded(name, t)
     # Inside torch.autocast the LM head is a matmul: its operands go to the autocast dtype (the statistics stay
     # fp32, the gradients come back in each input's dtype through the cast). Outside it, dtypes must agree.
@@ -245,11 +252,18 @@ def logit_capture(
     if amp_dtype is not None:
         hidden = _autocast_cast(hidden, amp_dtype)
         weight = _autocast_cast(weight, amp_dtype)
+        bias = _autocast_cast(bias, amp_dtype)
         values = _autocast_cast(values, amp_dtype)
     if weight.dtype != hidden.dtype:
         raise ValueError(
             f"weight: expected dtype {str(hidden.dtype).replace('torch.', '')} (the dtype of hidden), "
             f"got {str(weight.dtype).replace('torch.', '')}"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        # As F.linear: the bias joins the product in the GEMM, in the weight's dtype.
+        raise ValueError(
+            f"bias: expected dtype {str(weight.dtype).replace('torch.', '')} (the dtype of weight), "
+            f"got {str(bias.dtype).replace('torch.', '')}"
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
@@ -289,10 +303,10 @@ def logit_capture(
         num_items_in_batch=num_items_in_batch,
     )
     if compiling:
-        return _capture_op(hidden, weight, labels, values, resolved, **kwargs)
+        return _capture_op(hidden, weight, bias, labels, values, resolved, **kwargs)
     if resolved == "triton":
-        return fn(hidden, weight, labels, values, **kwargs)
-    return logit_capture_torch(hidden, weight, labels, values, **kwargs)
+        return fn(hidden, weight, labels, values, bias=bias, **kwargs)
+    return logit_capture_torch(hidden, weight, labels, values, bias=bias, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,15 +322,15 @@ def logit_capture(
 # annotations) so that they read the same on every supported PyTorch.
 
 _FWD_SCHEMA = (
-    "(Tensor hidden, Tensor weight, Tensor labels, Tensor? values, Tensor? token_weights, Tensor? denom, "
-    "int ignore_index, str reduction, int topk, float? softcap, float label_smoothing, float z_loss, str impl) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? values, Tensor? token_weights, "
+    "Tensor? denom, int ignore_index, str reduction, int topk, float? softcap, float label_smoothing, "
+    "float z_loss, str impl) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
-    "(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, Tensor? token_weights, Tensor denom, "
-    "Tensor? g_loss, Tensor? g_p_values, int values_cols, ScalarType? values_dtype, bool need_hidden, "
-    "bool need_weight, int ignore_index, str reduction, float? softcap, float label_smoothing, float z_loss, "
-    "str impl) -> (Tensor, Tensor, Tensor)"
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor? token_weights, "
+    "Tensor denom, Tensor? g_loss, Tensor? g_p_values, int values_cols, ScalarType? values_dtype, "
+    "bool need_hidden, bool need_weight, bool need_bias, int ignore_index, str reduction, float? softcap, "
+    "float label_smoothing, float z_loss, str impl) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -331,7 +345,7 @@ def _launchers(impl: str):
 
 @torch.library.custom_op("tcopilot::logit_capture_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _capture_fwd_op(
-    hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl
+    hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl
 ):
     """``(loss, lse, p_target, p_sq_sum, p_values | [N, 0], topk_ids [N, K], topk_logits [N, K], denom)``."""
     # The checks that read tensor values, deferred from tracing to run time.
@@ -342,7 +356,7 @@ def _capture_fwd_op(
             raise ValueError(f"num_items_in_batch: expected a finite number > 0, got {value!r}")
     fwd, _ = _launchers(impl)
     loss, lse, p_t, p_sq, p_v, ids, top, den = fwd(
-        hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl
+        hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl
     )
     n = hidden.shape[0]
     if p_v is None:
@@ -355,7 +369,7 @@ def _capture_fwd_op(
 
 
 @_capture_fwd_op.register_fake
-def _(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl):
+def _(hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl):
     n = hidden.shape[0]
     acc = acc_dtype(hidden.dtype)
     vec = hidden.new_empty((n,), dtype=acc)
@@ -377,6 +391,7 @@ def _(hidden, weight, labels, values, token_weights, denom, ignore_index, reduct
 def _capture_bwd_op(
     hidden,
     weight,
+    bias,
     labels,
     lse,
     token_weights,
@@ -387,6 +402,7 @@ def _capture_bwd_op(
     values_dtype,
     need_hidden,
     need_weight,
+    need_bias,
     ignore_index,
     reduction,
     softcap,
@@ -394,12 +410,13 @@ def _capture_bwd_op(
     zl,
     impl,
 ):
-    """``(d_hidden, d_weight, d_values)``; an empty ``[0]`` tensor for a gradient not asked for."""
+    """``(d_hidden, d_weight, d_bias, d_values)``; an empty ``[0]`` tensor for a gradient not asked for."""
     _, bwd = _launchers(impl)
     values_meta = ((weight.shape[0], values_cols), values_dtype) if g_p_values is not None else None
-    dh, dw, dv = bwd(
+    dh, dw, db, dv = bwd(
         hidden,
         weight,
+        bias,
         labels,
         lse,
         token_weights,
@@ -409,6 +426,7 @@ def _capture_bwd_op(
         values_meta,
         need_hidden=need_hidden,
         need_weight=need_weight,
+        need_bias=need_bias,
         ignore_index=ignore_index,
         reduction=reduction,
         softcap=softcap,
@@ -417,43 +435,47 @@ def _capture_bwd_op(
     )
     dh = dh if dh is not None else hidden.new_empty((0,))
     dw = dw if dw is not None else weight.new_empty((0,))
+    db = db if db is not None else weight.new_empty((0,))
     dv = dv if dv is not None else lse.new_empty((0,))
-    return dh, dw, dv
+    return dh, dw, db, dv
 
 
 @_capture_bwd_op.register_fake
-def _(hidden, weight, labels, lse, token_weights, denom, g_loss, g_p_values, values_cols, values_dtype, *args):
-    need_hidden, need_weight = args[:2]
+def _(hidden, weight, bias, labels, lse, token_weights, denom, g_loss, g_p_values, values_cols, values_dtype, *args):
+    need_hidden, need_weight, need_bias = args[:3]
     dh = torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,))
     dw = torch.empty_like(weight) if need_weight else weight.new_empty((0,))
+    db = torch.empty_like(bias) if need_bias and bias is not None else weight.new_empty((0,))
     if g_p_values is not None:
         dv = lse.new_empty((weight.shape[0], values_cols), dtype=values_dtype)
     else:
         dv = lse.new_empty((0,))
-    return dh, dw, dv
+    return dh, dw, db, dv
 
 
 def _capture_setup(ctx, inputs, output):
-    hidden, weight, labels, values, token_weights, _, ignore_index, reduction, _, softcap, ls, zl, impl = inputs
+    hidden, weight, bias, labels, values, token_weights, _, ignore_index, reduction, _, softcap, ls, zl, impl = inputs
     _, lse, p_t, p_sq, _, ids, top, den = output
     # ls / zl are floats by the schema: unlike the eager Functions, no float() (it could specialise a SymFloat).
     cfg = dict(
         ignore_index=ignore_index, reduction=reduction, softcap=softcap, label_smoothing=ls, z_loss=zl, impl=impl
     )
-    save_capture(ctx, (hidden, weight, labels, lse, token_weights, den), values, (lse, p_t, p_sq, ids, top, den), cfg)
+    saved = (hidden, weight, bias, labels, lse, token_weights, den)
+    save_capture(ctx, saved, values, (lse, p_t, p_sq, ids, top, den), cfg)
 
 
 def _capture_backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_p_values, _g_ids, _g_top, _g_den):
     return capture_grads(ctx, g_loss, g_p_values, _bwd_through_op)
 
 
-def _bwd_through_op(hidden, weight, labels, lse, token_weights, denom, g_loss, g_p_values, values_meta, **kw):
+def _bwd_through_op(hidden, weight, bias, labels, lse, token_weights, denom, g_loss, g_p_values, values_meta, **kw):
     """The backward launcher of the compiled graph: the ``logit_capture_bwd`` op, whose absent gradients are
     empty tensors (:func:`capture_grads` drops them)."""
     cols, v_dtype = (values_meta[0][1], values_meta[1]) if values_meta is not None else (0, None)
     return torch.ops.tcopilot.logit_capture_bwd(
         hidden,
         weight,
+        bias,
         labels,
         lse,
         token_weights,
@@ -464,6 +486,7 @@ def _bwd_through_op(hidden, weight, labels, lse, token_weights, denom, g_loss, g
         v_dtype,
         kw["need_hidden"],
         kw["need_weight"],
+        kw["need_bias"],
         kw["ignore_index"],
         kw["reduction"],
         kw["softcap"],
@@ -476,12 +499,13 @@ def _bwd_through_op(hidden, weight, labels, lse, token_weights, denom, g_loss, g
 _capture_fwd_op.register_autograd(_capture_backward, setup_context=_capture_setup)
 
 
-def _capture_op(hidden, weight, labels, values, impl, *, num_items_in_batch, token_weights, **kw) -> Capture:
+def _capture_op(hidden, weight, bias, labels, values, impl, *, num_items_in_batch, token_weights, **kw) -> Capture:
     """The compiled-graph form of :func:`logit_capture` (validated arguments; ``impl`` resolved)."""
     denom = mean_denom(num_items_in_batch, kw["reduction"], hidden)
     out = torch.ops.tcopilot.logit_capture_fwd(
         hidden,
         weight,
+        bias,
         labels,
         values,
         token_weights,

@@ -2,12 +2,15 @@
 
 An implementation is a launcher pair without autograd:
 
-- ``fwd(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
+- ``fwd(hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
   label_smoothing, z_loss, option)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
   topk_logits, denom)`` with ``None`` for absent outputs; ``denom`` is the "mean" denominator actually used.
-- ``bwd(hidden, weight, labels, lse, token_weights, denom, g_loss, g_p_values, values_meta, *, need_hidden,
-  need_weight, ignore_index, reduction, softcap, label_smoothing, z_loss, <option>=...)`` returns
-  ``(d_hidden, d_weight, d_values)`` with ``None`` where not needed.
+- ``bwd(hidden, weight, bias, labels, lse, token_weights, denom, g_loss, g_p_values, values_meta, *,
+  need_hidden, need_weight, need_bias, ignore_index, reduction, softcap, label_smoothing, z_loss,
+  <option>=...)`` returns ``(d_hidden, d_weight, d_bias, d_values)`` with ``None`` where not needed.
+
+``bias`` (``[V]`` or ``None``) follows ``weight`` everywhere: the logits are ``hidden @ weight.T + bias``, and
+``d bias`` is the column sum of the ``dz`` the loss gradient forms anyway (no extra pass over the vocabulary).
 
 ``option`` is the implementation's own knob (``chunk_size`` for PyTorch, ``tuning`` for Triton). The
 eager ``torch.autograd.Function`` of each implementation gets its ``forward`` / ``backward`` from
@@ -22,9 +25,9 @@ import contextlib
 import torch
 from torch.autograd.function import once_differentiable
 
-# hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
-# label_smoothing, z_loss, option: only the first four can receive a gradient.
-_N_INPUTS = 13
+# hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
+# label_smoothing, z_loss, option: only hidden, weight, bias and values can receive a gradient.
+_N_INPUTS = 14
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -105,67 +108,73 @@ def row_grads(g_loss, counted, token_weights, denom, reduction, dtype):
 
 
 def save_capture(ctx, saved, values, non_differentiable, cfg) -> None:
-    """What the backward needs: ``saved = (hidden, weight, labels, lse, token_weights, denom)`` (never
+    """What the backward needs: ``saved = (hidden, weight, bias, labels, lse, token_weights, denom)`` (never
     anything of size ``N x V``; ``weight`` itself, not a copy, for FSDP), ``values`` only as shape and dtype
     (``d values = P^T dU`` does not read it), and ``cfg``: the backward launcher's keyword options."""
     ctx.save_for_backward(*saved)
     ctx.cfg = cfg
     ctx.values_meta = (values.shape, values.dtype) if values is not None else None
     ctx.set_materialize_grads(False)
-    # Only loss (-> hidden, weight) and p_values (-> values) carry gradients.
+    # Only loss (-> hidden, weight, bias) and p_values (-> values) carry gradients.
     ctx.mark_non_differentiable(*[t for t in non_differentiable if t is not None])
 
 
 def capture_grads(ctx, g_loss, g_p_values, bwd):
     """The gradients of the ``_N_INPUTS`` inputs from those of ``loss`` and ``p_values``, through ``bwd``.
 
-    A gradient nobody asked for is not computed: the loss gradient only when ``hidden`` or ``weight`` needs
-    one, the log gradient only when ``values`` does (the Mistake Log is detached from the Pilot).
+    A gradient nobody asked for is not computed: the loss gradient only when ``hidden``, ``weight`` or
+    ``bias`` needs one (a ``bias`` without ``requires_grad`` costs nothing), the log gradient only when
+    ``values`` does (the Mistake Log is detached from the Pilot).
     """
-    hidden, weight, labels, lse, token_weights, denom = ctx.saved_tensors
-    need_h, need_w, _, need_v = ctx.needs_input_grad[:4]
+    hidden, weight, bias, labels, lse, token_weights, denom = ctx.saved_tensors
+    need_h, need_w, need_b, _, need_v = ctx.needs_input_grad[:5]
+    need_b = need_b and bias is not None
     if g_loss is None:
-        need_h = need_w = False
+        need_h = need_w = need_b = False
     if not need_v or ctx.values_meta is None:
         g_p_values = None
-    if not (need_h or need_w or g_p_values is not None):
+    need_loss = need_h or need_w or need_b
+    if not (need_loss or g_p_values is not None):
         return (None,) * _N_INPUTS
-    dh, dw, dv = bwd(
+    dh, dw, db, dv = bwd(
         hidden,
         weight,
+        bias,
         labels,
         lse,
         token_weights,
         denom,
-        g_loss if (need_h or need_w) else None,
+        g_loss if need_loss else None,
         g_p_values,
         ctx.values_meta,
         need_hidden=need_h,
         need_weight=need_w,
+        need_bias=need_b,
         **ctx.cfg,
     )
     dv = dv if g_p_values is not None else None
-    return (dh if need_h else None, dw if need_w else None, None, dv) + (None,) * (_N_INPUTS - 4)
+    grads = (dh if need_h else None, dw if need_w else None, db if need_b else None, None, dv)
+    return grads + (None,) * (_N_INPUTS - len(grads))
 
 
 def capture_methods(fwd, bwd, option: str):
     """``(forward, backward)`` static methods of a ``torch.autograd.Function`` around a launcher pair.
 
-    ``forward(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
-    label_smoothing, z_loss, <option>)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
+    ``forward(hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk,
+    softcap, label_smoothing, z_loss, <option>)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
     topk_logits)``; ``option`` names the backward launcher's keyword for the last argument. Each
     implementation declares its own class with these methods, so its autograd node keeps its own name.
     Both methods run with autocast off.
     """
     fwd, bwd = without_autocast(fwd), without_autocast(bwd)
 
-    def forward(ctx, hidden, weight, labels, values, token_weights, denom, *args):
+    def forward(ctx, hidden, weight, bias, labels, values, token_weights, denom, *args):
         ignore_index, reduction, _, softcap, ls, zl, opt = args
-        *out, denom = fwd(hidden, weight, labels, values, token_weights, denom, *args)
+        *out, denom = fwd(hidden, weight, bias, labels, values, token_weights, denom, *args)
         loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits = out
         cfg = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap, label_smoothing=float(ls))
         cfg.update(z_loss=float(zl), **{option: opt})
-        saved = (hidden, weight, labels, lse, token_weights, denom)
+        saved = (hidden, weight, bias, labels, lse, token_weights, denom)
         save_capture(ctx, saved, values, (lse, p_target, p_sq_sum, topk_ids, topk_logits), cfg)
         return loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits
 

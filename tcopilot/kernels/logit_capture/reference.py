@@ -22,6 +22,7 @@ def logit_capture_reference(
     labels: torch.Tensor,
     values: torch.Tensor | None = None,
     *,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     topk: int = 0,
@@ -34,6 +35,9 @@ def logit_capture_reference(
     """Same arguments and result as :func:`tcopilot.logit_capture` (without ``impl``)."""
     cd = _compute_dtype(hidden.dtype)
     z = hidden.to(cd) @ weight.to(cd).T
+    if bias is not None:
+        # Added to the product in the compute dtype, before the cap: z = h W^T + b, as in nn.Linear.
+        z = z + bias.to(cd)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=1)

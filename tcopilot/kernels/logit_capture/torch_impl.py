@@ -1,9 +1,10 @@
 """Pure-PyTorch production path of :func:`tcopilot.logit_capture` (DESIGN.md 4.1, 4.3).
 
 Rows are processed in chunks of ``T`` tokens so that no ``[N x V]`` tensor ever exists: per chunk one GEMM
-gives the logits ``[T x V]``, which are turned in place into probabilities, reduced to the per-row statistics
-and multiplied by ``values``. The backward recomputes each chunk from ``(hidden, weight, lse)`` and serves the
-loss gradient (``d hidden``, ``d weight``) and the log gradient (``d values``) from the same recomputed ``p``.
+gives the logits ``[T x V]`` (``addmm`` with the bias, if any, so that it costs no extra pass), which are
+turned in place into probabilities, reduced to the per-row statistics and multiplied by ``values``. The backward
+recomputes each chunk from ``(hidden, weight, bias, lse)`` and serves the loss gradient (``d hidden``,
+``d weight``, ``d bias``) and the log gradient (``d values``) from the same recomputed ``p``.
 
 Math runs in fp32 (fp64 when the inputs are fp64), whatever the storage dtype; fp16/bf16 ``weight`` and
 ``values`` are upcast once per call (a ``[V, d]`` / ``[V, k]`` copy), and the backward holds one fp32
@@ -52,14 +53,20 @@ def _topk_lowest_id(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return ids.gather(1, order), logits.gather(1, order)
 
 
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
-    """Uncapped logits ``h @ w.T`` of one chunk in the compute dtype (``w`` already in it)."""
-    return h.to(cd) @ w.T
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor:
+    """Uncapped logits ``h @ w.T (+ b)`` of one chunk in the compute dtype (``w`` and ``b`` already in it).
+
+    The bias goes into the GEMM (``addmm``: BLAS starts from the broadcast bias and accumulates the product
+    onto it in the compute dtype) rather than a separate ``[T, V]`` add afterwards.
+    """
+    h = h.to(cd)
+    return h @ w.T if b is None else torch.addmm(b, h, w.T)
 
 
 def capture_fwd_torch(
     hidden,
     weight,
+    bias,
     labels,
     values,
     token_weights,
@@ -85,6 +92,7 @@ def capture_fwd_torch(
     chunk = int(chunk_size) if chunk_size else default_chunk_size(vocab)
 
     w = weight.to(cd)
+    b = bias.to(cd) if bias is not None else None
     lab = labels.long()
     counted = lab != ignore_index
     y = torch.where(counted, lab, torch.zeros_like(lab))
@@ -102,7 +110,7 @@ def capture_fwd_torch(
 
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        z = _chunk_logits(hidden[r0:r1], w, cd)
+        z = _chunk_logits(hidden[r0:r1], w, b, cd)
         if softcap is not None:
             z.div_(softcap).tanh_().mul_(softcap)
         yc = y[r0:r1, None]
@@ -137,6 +145,7 @@ def capture_fwd_torch(
 def capture_bwd_torch(
     hidden,
     weight,
+    bias,
     labels,
     lse,
     token_weights,
@@ -147,6 +156,7 @@ def capture_bwd_torch(
     *,
     need_hidden,
     need_weight,
+    need_bias=False,
     ignore_index,
     reduction,
     softcap,
@@ -154,7 +164,9 @@ def capture_bwd_torch(
     z_loss,
     chunk_size=None,
 ):
-    """The chunked backward without autograd: ``(d_hidden, d_weight, d_values)``, ``None`` where not needed.
+    """The chunked backward without autograd: ``(d_hidden, d_weight, d_bias, d_values)``, ``None`` where not
+    needed. ``d_bias`` is the column sum of each chunk's ``dz`` in the compute dtype (``d weight`` sums the same
+    ``dz`` against ``hidden``).
 
     ``denom`` is the denominator returned by :func:`capture_fwd_torch`; ``g_loss`` / ``g_values`` the
     upstream gradients of ``loss`` / ``p_values`` or ``None``; ``values_meta`` ``(shape, dtype)`` of
@@ -165,18 +177,20 @@ def capture_bwd_torch(
     z_loss = float(z_loss)
     vocab = weight.shape[0]
     chunk = int(chunk_size) if chunk_size else default_chunk_size(vocab)
-    do_loss = g_loss is not None and (need_hidden or need_weight)
+    need_bias = need_bias and bias is not None
+    do_loss = g_loss is not None and (need_hidden or need_weight or need_bias)
     do_vals = g_values is not None and values_meta is not None
     if not (do_loss or do_vals):
-        return None, None, None
+        return None, None, None, None
 
     n = hidden.shape[0]
     lab = labels.long()
     counted = lab != ignore_index
     y = torch.where(counted, lab, torch.zeros_like(lab))
     w = weight.to(cd)
+    b = bias.to(cd) if bias is not None else None
 
-    d_hidden = d_weight = d_values = None
+    d_hidden = d_weight = d_bias = d_values = None
     if do_loss:
         coef = row_grads(g_loss, counted, token_weights, denom, reduction, cd)
         # d row / d z_v = (1 + 2 z_loss lse) p_v - (1 - eps) [v = y] - eps / V
@@ -187,6 +201,8 @@ def capture_bwd_torch(
             d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         if need_weight:
             d_weight = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+        if need_bias:
+            d_bias = torch.zeros(bias.shape, dtype=cd, device=bias.device)
     if do_vals:
         gv = g_values.to(cd)
         d_values = torch.zeros(tuple(values_meta[0]), dtype=cd, device=weight.device)
@@ -194,7 +210,7 @@ def capture_bwd_torch(
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
         h = hidden[r0:r1].to(cd)
-        z = h @ w.T
+        z = _chunk_logits(h, w, b, cd)
         if softcap is not None:
             t = z.div_(softcap).tanh_()
             p = torch.mul(t, softcap).sub_(lse[r0:r1, None]).exp_()
@@ -215,23 +231,27 @@ def capture_bwd_torch(
                 d_hidden[r0:r1] = dz @ w
             if need_weight:
                 d_weight.addmm_(dz.T, h)
+            if need_bias:
+                d_bias.add_(dz.sum(dim=0))
         del z, p, cap_grad
 
     if d_weight is not None:
         d_weight = d_weight.to(weight.dtype)
+    if d_bias is not None:
+        d_bias = d_bias.to(bias.dtype)
     if d_values is not None:
         d_values = d_values.to(values_meta[1])
-    return d_hidden, d_weight, d_values
+    return d_hidden, d_weight, d_bias, d_values
 
 
 class LogitCaptureTorchFunction(torch.autograd.Function):
     """Chunked forward and backward of the capture; see the module docstring.
 
-    ``forward(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
-    label_smoothing, z_loss, chunk_size)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
-    topk_logits)`` with ``None`` for absent outputs. ``denom`` is the "mean" denominator as a 0-d tensor, or
-    ``None`` for the number of counted rows. Saved for backward: hidden, weight, labels, lse, token weights
-    and the denominator; never anything of size ``N x V``. Forward and backward run with autocast off
+    ``forward(hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk,
+    softcap, label_smoothing, z_loss, chunk_size)`` returns ``(loss, lse, p_target, p_sq_sum, p_values,
+    topk_ids, topk_logits)`` with ``None`` for absent outputs. ``denom`` is the "mean" denominator as a 0-d
+    tensor, or ``None`` for the number of counted rows. Saved for backward: hidden, weight, bias, labels, lse,
+    token weights and the denominator; never anything of size ``N x V``. Forward and backward run with autocast off
     (:mod:`.autograd`, shared with the Triton path).
     """
 
@@ -244,6 +264,7 @@ def logit_capture_torch(
     labels: torch.Tensor,
     values: torch.Tensor | None = None,
     *,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     topk: int = 0,
@@ -258,4 +279,4 @@ def logit_capture_torch(
     (rows per chunk; default :func:`default_chunk_size`)."""
     denom = mean_denom(num_items_in_batch, reduction, hidden)
     opts = (ignore_index, reduction, int(topk), softcap, float(label_smoothing), float(z_loss), chunk_size)
-    return Capture(*LogitCaptureTorchFunction.apply(hidden, weight, labels, values, token_weights, denom, *opts))
+    return Capture(*LogitCaptureTorchFunction.apply(hidden, weight, bias, labels, values, token_weights, denom, *opts))

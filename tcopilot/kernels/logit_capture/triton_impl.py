@@ -5,8 +5,14 @@ Design (the "chunked GEMM + fused epilogue kernel" of DESIGN 4.6, the one that w
 
 Forward, per chunk of ``T`` token rows (the whole vocabulary per chunk, so each row's softmax is complete):
 
-1. ``logits[T, V] = hidden[chunk] @ weight.T``: one cuBLAS GEMM (fp32 accumulation inside the GEMM, output in
-   the input dtype, as every eager LM head does) into a preallocated chunk buffer.
+1. ``logits[T, V] = hidden[chunk] @ weight.T (+ bias)``: one cuBLAS GEMM (fp32 accumulation inside the GEMM,
+   output in the input dtype, as every eager LM head does) into a preallocated chunk buffer. A bias goes into
+   that GEMM (``torch.addmm(bias, ...)``), not into the Triton kernels: PyTorch sends ``addmm`` with a
+   contiguous 1-D bias to cuBLASLt's bias epilogue, which adds it to the fp32 accumulator before the one
+   rounding into the buffer (the same semantics as ``nn.Linear``) at no cost; otherwise it pre-fills the
+   buffer with the bias and accumulates the product onto it (beta=1), still one rounding. In-kernel it would
+   be one more ``[V]`` load per row block in both forward sweeps, in the target-logit gather and in the
+   backward kernel, a kernel parameter more, and the ``torch.topk`` fallback would need it separately.
 2. ``_logit_capture_fwd_kernel``: per row, one sweep over the vocabulary in ``BLOCK_V`` tiles with an online
    max (softcap applied in-kernel) gives ``lse``, ``p[y]``, ``sum p^2`` (the running sum is rescaled by
    ``exp(2 (m_old - m_new))``), ``sum z`` (label smoothing) and the per-row loss (label smoothing, z-loss);
@@ -21,13 +27,15 @@ No ``[N x V]`` tensor exists; the forward saves only ``lse`` and ``[N]`` vectors
 Backward, blocked in BOTH dimensions: vocabulary chunks of ``Vc`` columns (outer loop) x token blocks of
 ``Tb`` rows (inner loop). ``lse`` is known from the forward, so a block's ``dz`` needs no row reduction:
 
-1. ``logits[Tb, Vc] = hidden[block] @ weight[chunk].T`` (GEMM, recomputed).
+1. ``logits[Tb, Vc] = hidden[block] @ weight[chunk].T (+ bias[chunk])`` (GEMM, recomputed).
 2. ``_logit_capture_bwd_kernel`` (2-D grid of elementwise tiles) turns them in place into
    ``dz = dloss_i * ((1 + 2 z_loss lse_i) p - (1 - eps) onehot(y) - eps / V) * (1 - tanh^2)`` (the last factor
    only with softcap), 0 on ignored rows, and, when ``values`` needs a gradient, writes ``p`` to a second
    buffer in ``values``' dtype.
 3. ``d values[chunk] (+)= p^T @ d p_values[block]``, ``d hidden[block] (+)= dz @ weight[chunk]``,
-   ``d weight[chunk] (+)= dz^T @ hidden[block]``: GEMMs.
+   ``d weight[chunk] (+)= dz^T @ hidden[block]``: GEMMs; with a bias that needs a gradient,
+   ``d bias[chunk] (+)= sum over the block's rows of dz`` (a fp32 column sum of the same ``dz`` buffer the
+   ``d weight`` GEMM reads: one more read of the block, ``~1/d`` of that GEMM's work; into a fp32 ``[V]``).
 
 Why this order and these reductions:
 
@@ -414,26 +422,37 @@ def _fp32_out_ok(device: torch.device) -> bool:
     return _FP32_OUT_OK[key]
 
 
-def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out = a @ b`` or ``out += a @ b`` with fp32 (fp64) accumulation and a single rounding into ``out``.
+def _matmul_into(
+    out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool, bias: torch.Tensor | None = None
+) -> None:
+    """``out = a @ b (+ bias)`` or ``out += a @ b`` with fp32 (fp64) accumulation and a single rounding into
+    ``out``.
 
     ``out`` is either ``a``'s dtype (the GEMM accumulates in fp32 internally) or the wider fp32/fp64 dtype.
+    ``bias`` (``[out.shape[1]]`` in ``a``'s dtype, only with ``accumulate=False``) is added inside the GEMM
+    (``addmm``; on CUDA cuBLASLt's bias epilogue, see the module doc), before the rounding.
     """
     if b.dtype != a.dtype:
         b = b.to(a.dtype)
     if out.dtype == a.dtype and (a.is_cuda or a.dtype not in _HALF):
         if accumulate:
             out.addmm_(a, b)
+        elif bias is not None:
+            torch.addmm(bias, a, b, out=out)
         else:
             torch.mm(a, b, out=out)
         return
-    if a.is_cuda and out.dtype == torch.float32 and a.dtype in _HALF and _fp32_out_ok(a.device):
+    fp32_out = a.is_cuda and out.dtype == torch.float32 and a.dtype in _HALF
+    if fp32_out and bias is None and _fp32_out_ok(a.device):
         torch.addmm(out, a, b, beta=1 if accumulate else 0, out_dtype=torch.float32, out=out)
         return
     # CPU fp16/bf16 (interpreter tests), or a PyTorch without out_dtype (a slow fallback on a GPU: fp32
     # copies of the operands, outside the chunk budget): upcast, then round once into out.
     wide = out.dtype if out.dtype not in _HALF else torch.float32
-    r = torch.mm(a.to(wide), b.to(wide))
+    if bias is not None:
+        r = torch.addmm(bias.to(wide), a.to(wide), b.to(wide))
+    else:
+        r = torch.mm(a.to(wide), b.to(wide))
     if accumulate:
         out.add_(r)
     else:
@@ -518,6 +537,7 @@ def logit_capture_fwd(
     labels: torch.Tensor,
     values: torch.Tensor | None,
     *,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     topk: int = 0,
     softcap: float | None = None,
@@ -525,7 +545,8 @@ def logit_capture_fwd(
     z_loss: float = 0.0,
     tuning: CaptureTuning | None = None,
 ):
-    """Forward pass over token chunks. ``labels`` int64 contiguous ``[N]``.
+    """Forward pass over token chunks. ``labels`` int64 contiguous ``[N]``; ``bias`` ``[V]`` in the dtype of
+    ``weight`` or ``None``.
 
     Returns ``(lse, p_target, p_sq_sum, row_loss, p_values, topk_ids, topk_logits)``: ``[N]`` statistics in
     fp32 (fp64 for fp64 inputs), ``row_loss`` without token weights (0 on ignored rows), ``p_values [N, k]``
@@ -571,7 +592,7 @@ def logit_capture_fwd(
         n1 = min(n, n0 + rows)
         t = n1 - n0
         z = buf[: t * vocab].view(t, vocab)
-        _matmul_into(z, hidden[n0:n1], w_t, accumulate=False)
+        _matmul_into(z, hidden[n0:n1], w_t, accumulate=False, bias=bias)
         if topk > TOPK_MAX_IN_KERNEL:
             # torch.topk fallback, before the kernel overwrites the logits. Capping is monotonic but can merge
             # distinct logits into equal capped values, so the tie rule needs the capped values (a fp32 copy).
@@ -622,6 +643,8 @@ def logit_capture_bwd(
     *,
     need_hidden: bool,
     need_weight: bool,
+    bias: torch.Tensor | None = None,
+    need_bias: bool = False,
     softcap: float | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -631,18 +654,19 @@ def logit_capture_bwd(
 
     ``dloss [N]`` (accumulation dtype) is ``d total / d row_loss`` (0 on ignored rows) or ``None`` when the
     loss has no gradient; ``d_p_values [N, k]`` the gradient of ``p_values`` or ``None``; ``values_meta`` the
-    shape and dtype of ``values``. Returns ``(d_hidden, d_weight, d_values)`` in the inputs' dtypes (``None``
-    where not needed).
+    shape and dtype of ``values``; ``bias`` the forward's bias (recomputing the logits) or ``None``. Returns
+    ``(d_hidden, d_weight, d_bias, d_values)`` in the inputs' dtypes (``None`` where not needed).
     """
     tuning = tuning or CaptureTuning()
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     acc = _acc_dtype(hidden.dtype)
-    need_dz = dloss is not None and (need_hidden or need_weight)
+    need_bias = need_bias and bias is not None
+    need_dz = dloss is not None and (need_hidden or need_weight or need_bias)
     need_p = d_p_values is not None and values_meta is not None
     if not (need_dz or need_p):
-        return None, None, None
+        return None, None, None, None
     v_dtype = values_meta[1] if need_p else hidden.dtype
     p_separate = need_p and (need_dz or v_dtype != hidden.dtype)
     per_elem = hidden.element_size() + (v_dtype.itemsize if p_separate else 0)
@@ -668,6 +692,8 @@ def logit_capture_bwd(
         dh_acc = d_hidden if (one_vchunk or hidden.dtype == acc) else torch.empty((n, d), dtype=acc, device=dev)
     d_weight = _out((vocab, d), weight.dtype, dev) if need_dz and need_weight else None
     d_values = _out(tuple(values_meta[0]), v_dtype, dev) if need_p else None
+    # d bias: fp32 (fp64) column sums of dz, rounded once into bias' dtype at the end ([V], negligible).
+    db_acc = _out((vocab,), acc, dev) if need_dz and need_bias else None
 
     for v0 in range(0, vocab, cols):
         v1 = min(vocab, v0 + cols)
@@ -689,7 +715,8 @@ def logit_capture_bwd(
             t = n1 - n0
             z = buf[: t * vc].view(t, vc)
             h = hidden[n0:n1]
-            _matmul_into(z, h, w_c.t(), accumulate=False)
+            b_c = bias[v0:v1] if bias is not None else None
+            _matmul_into(z, h, w_c.t(), accumulate=False, bias=b_c)
             p = (pbuf[: t * vc].view(t, vc) if p_separate else z) if need_p else z
             _logit_capture_bwd_kernel[(triton.cdiv(t, bm), triton.cdiv(vc, bv))](
                 z,
@@ -719,13 +746,20 @@ def logit_capture_bwd(
                     _matmul_into(dh_acc[n0:n1], z, w_c, accumulate=v0 > 0)
                 if dw_acc is not None:
                     _matmul_into(dw_acc, z.t(), h, accumulate=not first)
+                if db_acc is not None:
+                    # The same dz the d weight GEMM reads (in the input dtype), summed in fp32 (fp64).
+                    if first:
+                        torch.sum(z, dim=0, dtype=acc, out=db_acc[v0:v1])
+                    else:
+                        db_acc[v0:v1] += z.sum(dim=0, dtype=acc)
         if dw_acc is not None and dw_acc.dtype != d_weight.dtype:
             d_weight[v0:v1].copy_(dw_acc)
         if dv_acc is not None and dv_acc.dtype != d_values.dtype:
             d_values[v0:v1].copy_(dv_acc)
     if dh_acc is not None and dh_acc is not d_hidden:
         d_hidden.copy_(dh_acc)
-    return d_hidden, d_weight, d_values
+    d_bias = db_acc.to(bias.dtype) if db_acc is not None else None
+    return d_hidden, d_weight, d_bias, d_values
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -736,6 +770,7 @@ def logit_capture_bwd(
 def capture_fwd_triton(
     hidden,
     weight,
+    bias,
     labels,
     values,
     token_weights,
@@ -759,6 +794,7 @@ def capture_fwd_triton(
         weight,
         lab,
         values,
+        bias=bias,
         ignore_index=ignore_index,
         topk=topk,
         softcap=softcap,
@@ -773,6 +809,7 @@ def capture_fwd_triton(
 def capture_bwd_triton(
     hidden,
     weight,
+    bias,
     labels,
     lse,
     token_weights,
@@ -783,6 +820,7 @@ def capture_bwd_triton(
     *,
     need_hidden,
     need_weight,
+    need_bias=False,
     ignore_index,
     reduction,
     softcap,
@@ -790,18 +828,19 @@ def capture_bwd_triton(
     z_loss,
     tuning=None,
 ):
-    """The backward without autograd: ``(d_hidden, d_weight, d_values)``, ``None`` where not needed.
+    """The backward without autograd: ``(d_hidden, d_weight, d_bias, d_values)``, ``None`` where not needed.
 
     ``denom`` as returned by :func:`capture_fwd_triton`; ``g_loss`` / ``g_values`` the upstream gradients of
     ``loss`` / ``p_values`` or ``None``; ``values_meta`` ``(shape, dtype)`` of ``values`` or ``None``.
     """
     lab = labels.to(torch.int64).contiguous()
+    need_bias = need_bias and bias is not None
     dloss = None
-    if g_loss is not None and (need_hidden or need_weight):
+    if g_loss is not None and (need_hidden or need_weight or need_bias):
         dloss = row_grads(g_loss, lab != ignore_index, token_weights, denom, reduction, lse.dtype)
     if values_meta is None:
         g_values = None
-    dh, dw, dv = logit_capture_bwd(
+    dh, dw, db, dv = logit_capture_bwd(
         hidden,
         weight,
         lab,
@@ -811,22 +850,24 @@ def capture_bwd_triton(
         values_meta,
         need_hidden=need_hidden,
         need_weight=need_weight,
+        bias=bias,
+        need_bias=need_bias,
         softcap=softcap,
         label_smoothing=float(label_smoothing),
         z_loss=float(z_loss),
         tuning=tuning,
     )
-    return dh if need_hidden else None, dw if need_weight else None, dv
+    return dh if need_hidden else None, dw if need_weight else None, db if need_bias else None, dv
 
 
 class LogitCaptureFunction(torch.autograd.Function):
     """The capture as one autograd node.
 
-    ``forward(hidden, weight, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap,
-    label_smoothing, z_loss, tuning)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
+    ``forward(hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk,
+    softcap, label_smoothing, z_loss, tuning)`` returns ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids,
     topk_logits)``. ``denom``: the "mean" denominator as a 0-d tensor, or ``None`` for the number of counted
-    rows. Saved for backward: hidden, weight, labels, lse, token weights, denom (``values`` only as shape and
-    dtype: ``d values = P^T dU`` does not read it). Only ``loss`` (-> hidden, weight) and ``p_values``
+    rows. Saved for backward: hidden, weight, bias, labels, lse, token weights, denom (``values`` only as shape
+    and dtype: ``d values = P^T dU`` does not read it). Only ``loss`` (-> hidden, weight, bias) and ``p_values``
     (-> values) are differentiable. Forward and backward run with autocast off (the GEMMs of the chunk loop
     have their own fp32 accumulation; :mod:`.api` casts the inputs for an autocast region).
     """
@@ -840,6 +881,7 @@ def logit_capture_triton(
     labels: torch.Tensor,
     values: torch.Tensor | None = None,
     *,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     topk: int = 0,
@@ -854,4 +896,4 @@ def logit_capture_triton(
     plus ``tuning`` (:class:`CaptureTuning`: chunking and launch parameters, ``None`` = automatic)."""
     denom = mean_denom(num_items_in_batch, reduction, hidden)
     opts = (ignore_index, reduction, int(topk), softcap, float(label_smoothing), float(z_loss), tuning)
-    return Capture(*LogitCaptureFunction.apply(hidden, weight, labels, values, token_weights, denom, *opts))
+    return Capture(*LogitCaptureFunction.apply(hidden, weight, bias, labels, values, token_weights, denom, *opts))
