@@ -108,10 +108,16 @@ def pilot_states(pilot: nn.Module):
         states.detach()
 
 
+# The names a backbone's forward takes its cache by, and its output returns it by: transformers 5.2x calls it
+# ``cache`` everywhere; before that attention models said ``past_key_values`` and the state-space ones (Mamba,
+# Mamba-2, FalconMamba in 5.17) ``cache_params``. A name the forward lacks would vanish into its ``**kwargs``:
+# each decode step would then start from an empty state, silently.
+_CACHE_NAMES = ("cache", "past_key_values", "cache_params")
+
+
 def _cache_kwarg(base: nn.Module) -> str:
-    # transformers renamed past_key_values -> cache in 5.2x; accept both so 4.x/5.17 images work.
     params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return next((n for n in _CACHE_NAMES if n in params), "past_key_values")
 
 
 def pilot_backbone(pilot: nn.Module) -> nn.Module:
@@ -270,7 +276,7 @@ def run_base(base: nn.Module, input_ids, attention_mask, position_ids, cache=Non
         )
     # Read the field this transformers version has: touching the other (deprecated) name logs a warning per call.
     fields = getattr(out, "__dataclass_fields__", {})
-    new_cache = getattr(out, "cache" if "cache" in fields else "past_key_values", None)
+    new_cache = getattr(out, next((n for n in _CACHE_NAMES if n in fields), "past_key_values"), None)
     return hidden, new_cache
 
 
