@@ -352,16 +352,23 @@ def _rectified_next_token_cases() -> Iterator[Case]:
 # Llama-3.2-1B head (d=2048, V=128256), Copilot width 2048; the hidden states are hidden[:, -1] views of a
 # [B, L, d] tensor (row stride L*d, unit column stride), the weights contiguous.
 _RDH_V, _RDH_D, _RDH_C, _RDH_L = 128256, 2048, 2048, 512
-# (label, batch, dtype of h and W, dtype of g and A, HAS_BIAS, SOFTCAP)
+# (label, batch, dtype of h and W, dtype of g and A, HAS_F_BIAS, SOFTCAP, HAS_Z_BIAS). "bias" is the Copilot's
+# error_out bias (added to f), "pilot bias" the Pilot's LM-head bias (lm_head_bias, added to z: Phi, GPT-J, CodeGen).
 _RDH_CASES = [
-    ("B=1", 1, "bf16", "bf16", False, False),
-    ("B=32", 32, "bf16", "bf16", False, False),
-    ("B=64 bias softcap", 64, "bf16", "bf16", True, True),
-    ("B=1", 1, "fp16", "fp16", False, False),
-    ("B=64 bias softcap", 64, "fp16", "fp16", True, True),
-    ("B=1", 1, "fp32", "fp32", False, False),
-    ("B=32 bias softcap", 32, "fp32", "fp32", True, True),
-    ("B=32 bias softcap, fp32 h / bf16 W", 32, "fp32", "bf16", True, True),
+    ("B=1", 1, "bf16", "bf16", False, False, False),
+    ("B=32", 32, "bf16", "bf16", False, False, False),
+    ("B=64 bias softcap", 64, "bf16", "bf16", True, True, False),
+    ("B=1", 1, "fp16", "fp16", False, False, False),
+    ("B=64 bias softcap", 64, "fp16", "fp16", True, True, False),
+    ("B=1", 1, "fp32", "fp32", False, False, False),
+    ("B=32 bias softcap", 32, "fp32", "fp32", True, True, False),
+    ("B=32 bias softcap, fp32 h / bf16 W", 32, "fp32", "bf16", True, True, False),
+    # the Pilot's bias on: decode at B=1 (Phi-2's case), and with every option on where registers are tightest
+    ("B=1 both biases", 1, "bf16", "bf16", True, False, True),
+    ("B=64 both biases softcap", 64, "bf16", "bf16", True, True, True),
+    ("B=64 both biases softcap", 64, "fp16", "fp16", True, True, True),
+    ("B=32 both biases softcap", 32, "fp32", "fp32", True, True, True),
+    ("B=32 both biases softcap, fp32 h / bf16 W", 32, "fp32", "bf16", True, True, True),
 ]
 
 
@@ -371,7 +378,7 @@ def _rectified_decode_head_cases() -> Iterator[Case]:
     from tcopilot.kernels.rectified_decode_head import triton_impl as rdh
 
     cuda = torch.device("cuda")
-    for label, bsz, zd, fd, bias, cap in _RDH_CASES:
+    for label, bsz, zd, fd, bias, cap, z_bias in _RDH_CASES:
         # h and W share a dtype (the api checks it); "fp32 h / bf16 W" is the pilot in fp32, the Copilot in bf16.
         h_dt, w_dt = _torch_dtype(zd), _torch_dtype(zd if zd == fd else "bf16")
         g_dt = a_dt = _torch_dtype(fd)
@@ -381,8 +388,10 @@ def _rectified_decode_head_cases() -> Iterator[Case]:
         cfg = rdh._config(cuda, bsz, z_native and f_native, elt)
         meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
         args = dict(
-            h_ptr=Ptr(h_dt), w_ptr=Ptr(w_dt), g_ptr=Ptr(g_dt), a_ptr=Ptr(a_dt),
-            b_ptr=Ptr(a_dt if bias else torch.float32), z_ptr=Ptr(torch.float32), f_ptr=Ptr(torch.float32),
+            # an absent bias is passed as z (fp32); the Pilot's bias comes in W's dtype (lm_head_operands)
+            h_ptr=Ptr(h_dt), w_ptr=Ptr(w_dt), zb_ptr=Ptr(w_dt if z_bias else torch.float32), g_ptr=Ptr(g_dt),
+            a_ptr=Ptr(a_dt), fb_ptr=Ptr(a_dt if bias else torch.float32), z_ptr=Ptr(torch.float32),
+            f_ptr=Ptr(torch.float32),
             B=bsz, V=_RDH_V, D=_RDH_D, C=_RDH_C, s_h0=_RDH_L * _RDH_D, s_h1=1, s_w0=_RDH_D, s_w1=1,
             s_g0=_RDH_L * _RDH_C, s_g1=1, s_a0=_RDH_C, s_a1=1, softcap=30.0 if cap else 1.0,
         )  # fmt: skip
@@ -391,7 +400,8 @@ def _rectified_decode_head_cases() -> Iterator[Case]:
             kernel="rectified_decode_head", fn=rdh._decode_head_products_kernel,
             dtype=zd if zd == fd else f"{zd}/{fd}",
             config=f"{label}; {blocks} w{cfg['num_warps']} s{cfg['num_stages']}", args=args,
-            constexprs=dict(meta, HAS_BIAS=bias, SOFTCAP=cap, Z_NATIVE=z_native, F_NATIVE=f_native),
+            constexprs=dict(meta, HAS_Z_BIAS=z_bias, HAS_F_BIAS=bias, SOFTCAP=cap, Z_NATIVE=z_native,
+                            F_NATIVE=f_native),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], quick=label == "B=1" and zd == "bf16",
             dot_m=meta.get("BLOCK_B"),
         )  # fmt: skip

@@ -9,19 +9,19 @@ matrix ``M`` computed once per call.
 Picking the token (``num_beams=1``) takes one of two paths:
 
 * the fused decode head, :func:`tcopilot.rectified_decode_head` on the Pilot's last hidden state ``h``,
-  ``lm_head.weight``, the Copilot's ``g`` and ``error_out``'s weight and bias (its PyTorch path holds no
-  ``[B, V]`` tensor for greedy decoding; its Triton path writes ``z`` and ``f`` to a ``[B, V]`` fp32 scratch in one
-  pass over both weights and picks the token from it with the Triton sampler; either way sampling draws as
-  below). Taken when
-  the Copilot is used (``lam != 0``), the LM head is a plain ``nn.Linear`` without bias or hooks whose
-  weight sits on ``h``'s device (so ``_pilot_logits(h)`` is ``(s h) @ W^T`` with the Pilot's output-logit scale
-  ``s``, which is passed in through ``h``, soft-capped when the Pilot's config sets ``final_logit_softcapping``,
-  which the head does too), ``error_out`` is a plain ``nn.Linear``, and
+  ``lm_head``'s weight and bias (if any), the Copilot's ``g`` and ``error_out``'s weight and bias (its PyTorch
+  path holds no ``[B, V]`` tensor for greedy decoding; its Triton path writes ``z`` and ``f`` to a ``[B, V]`` fp32
+  scratch in one pass over both weights and picks the token from it with the Triton sampler; either way sampling
+  draws as below). Taken when the Copilot is used (``lam != 0``), the LM head is a plain ``nn.Linear``, with or
+  without a bias, without hooks and with its weight on ``h``'s device (so ``_pilot_logits(h)`` is
+  ``(s h) @ W^T + s c`` with the Pilot's output-logit scale ``s`` and the head's bias ``c``: the scale goes into
+  ``h`` and ``c`` as in training, :func:`tcopilot.pilot.lm_head_operands`; then soft-capped when the Pilot's
+  config sets ``final_logit_softcapping``, which the head does too), ``error_out`` is a plain ``nn.Linear``, and
   ``impl`` is ``"torch"`` / ``"triton"``, or ``"auto"`` with CUDA tensors;
 * otherwise the materialised path: ``z = _pilot_logits(h)`` and ``f = error_out(g)`` as ``[B, V]`` tensors,
   then :func:`tcopilot.rectified_next_token`. This is what ``impl="auto"`` runs on the CPU (the simplest
   path there), what a Pilot alone or ``lam=0`` runs, and the fallback for any other LM head (a PEFT
-  adapter on it, a bias, a quantised or hooked module). PEFT's ``modules_to_save`` wrapper (``lm_head`` trained in
+  adapter on it, a quantised or hooked module). PEFT's ``modules_to_save`` wrapper (``lm_head`` trained in
   full beside LoRA) counts as the plain copy its forward runs.
 
 Both compute the same tokens up to floating-point rounding (the head forms both products in fp32 from
@@ -43,7 +43,7 @@ from torch import nn
 from tcopilot._validation import FLOAT_DTYPES, IMPLS, check_choice, check_finite
 from tcopilot.kernels.rectified_decode_head import rectified_decode_head
 from tcopilot.kernels.rectified_next_token import rectified_next_token
-from tcopilot.pilot import pilot_backbone, pilot_states, positions_from_mask, run_base
+from tcopilot.pilot import lm_head_operands, pilot_backbone, pilot_states, positions_from_mask, run_base
 
 
 def _pilot_logits(model, hidden_last: torch.Tensor) -> torch.Tensor:
@@ -63,18 +63,19 @@ def _pilot_logits(model, hidden_last: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_linear(module, device: torch.device) -> bool:
-    """True when ``module(x)`` is exactly ``x @ weight^T (+ bias)`` with a readable weight on ``device``.
+    """True when ``module(x)`` is exactly ``x @ weight^T (+ bias)`` with a readable weight (and bias) on ``device``.
 
     Exactly ``nn.Linear`` (not a subclass: PEFT adapter layers and ``modules_to_save`` wrappers, quantised
     linears), no forward (pre-)hooks and no accelerate hook (offloading, device maps), a floating-point
-    weight that is an ordinary tensor (not an FSDP ``DTensor`` shard) on ``device``.
+    weight and bias (if any) that are ordinary tensors (not FSDP ``DTensor`` shards) on ``device``.
     """
     if type(module) is not nn.Linear or module._forward_hooks or module._forward_pre_hooks:
         return False
     if getattr(module, "_hf_hook", None) is not None:
         return False
-    w = module.weight
-    return type(w) in (torch.Tensor, nn.Parameter) and w.dtype in FLOAT_DTYPES and w.device == device
+    params = (module.weight,) if module.bias is None else (module.weight, module.bias)
+    return all(type(p) in (torch.Tensor, nn.Parameter) and p.dtype in FLOAT_DTYPES and p.device == device
+               for p in params)
 
 
 def _active_module(module):
@@ -93,17 +94,18 @@ def _active_module(module):
 
 
 def _decode_head_weights(model, dec, impl: str):
-    """``(lm_head_weight, error_out_weight, error_out_bias)`` when the fused decode head should pick the
-    tokens of this call (see the module docstring for the rule), else None (materialised path)."""
+    """``(lm_head, error_out_weight, error_out_bias)`` (``lm_head`` the ``nn.Linear`` the Pilot's head runs) when
+    the fused decode head should pick the tokens of this call (see the module docstring for the rule), else None
+    (materialised path)."""
     if not dec.use_copilot:
         return None
     device = dec.h.device
     if impl == "auto" and device.type != "cuda":
         return None
     head, out = _active_module(model.pilot.get_output_embeddings()), dec.copilot.error_out
-    if head is None or not _plain_linear(head, device) or head.bias is not None or not _plain_linear(out, device):
+    if head is None or not _plain_linear(head, device) or not _plain_linear(out, device):
         return None
-    return head.weight, out.weight, out.bias
+    return head, out.weight, out.bias
 
 
 # GenerationConfig fields honoured by :func:`generate` (the rest of a config must be unset or neutral).
@@ -396,7 +398,7 @@ def generate(
             ``"auto"``: the fused :func:`tcopilot.rectified_decode_head` (Triton) on CUDA tensors, the
             materialised ``z``, ``f`` and :func:`tcopilot.rectified_next_token` on the CPU. ``"torch"`` /
             ``"triton"``: the fused head with that implementation. Either way a Pilot alone, ``lam=0`` or an
-            LM head that is not a plain bias-free ``nn.Linear`` (e.g. one carrying a PEFT adapter; PEFT's
+            LM head that is not a plain ``nn.Linear`` (a bias is fine; one carrying a PEFT adapter is not; PEFT's
             ``modules_to_save`` wrapper counts as the copy it runs) takes the materialised path, with
             ``rectified_next_token(impl=impl)``; see the module docstring.
 
@@ -449,11 +451,12 @@ def _decode_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusio
     scale = model.logit_scale
     for step in range(max_new_tokens):
         if head is not None:  # fused head: both products and the choice in one call
-            # the Pilot's output scale enters through h: (s h) W^T = s (h W^T) for this bias-free head
-            h = dec.h if scale is None else dec.h * scale
+            # the Pilot's output scale enters through h and the head's bias, as in training:
+            # s (h W^T + c) = (s h) W^T + s c (c None for a bias-free head)
+            h, weight, bias = lm_head_operands(head[0], dec.h, scale)
             nxt = rectified_decode_head(
-                h, head[0], dec.g, head[1], head[2], lam=lam, fusion=fusion, temperature=temperature,
-                top_k=top_k, top_p=top_p, generator=generator, softcap=softcap, impl=impl,
+                h, weight, dec.g, head[1], head[2], lm_head_bias=bias, lam=lam, fusion=fusion,
+                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, softcap=softcap, impl=impl,
             )
         else:
             f = dec.copilot_out()

@@ -1,6 +1,7 @@
 """generate() routed through the fused decode head (impl="torch"/"triton") equals the materialised path
-(impl="auto" on the CPU: z = lm_head(h), f = error_out(g), rectified_next_token), and LM heads the head
-cannot read exactly fall back to the materialised path."""
+(impl="auto" on the CPU: z = lm_head(h), f = error_out(g), rectified_next_token), a biased LM head included
+(its bias goes to the head as ``lm_head_bias``), and LM heads the head cannot read exactly fall back to the
+materialised path."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from tcopilot import TransformerCopilot
 from tcopilot.generate import generate
+from tcopilot.pilot import LOGIT_SCALE_RULES
 from tcopilot.testing import tiny_pair
 
 # the module, not the function that ``tcopilot.generate`` names on the package
@@ -137,7 +139,37 @@ def _swap_head(model, kind):
     pilot.set_output_embeddings(new)
 
 
-@pytest.mark.parametrize("kind", ["bias", "subclass", "hook"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("fusion", ["probs", "logits"])
+def test_biased_lm_head_is_fused(head_calls, monkeypatch, impl, fusion):
+    """A plain ``nn.Linear`` head with a bias (Phi, GPT-J, CodeGen) takes the fused head, with the Pilot's output
+    scale ``s`` on both ``h`` and the bias (``s (h W^T + c)``, as ``lm_head_operands`` gives it to training)."""
+    model = _sharp_pair()
+    ids, mask = _prompts()
+    # next to p = softmax(z) a full-strength Copilot decides these tokens alone, whatever the Pilot's bias
+    kw = dict(attention_mask=mask, max_new_tokens=4, lam=1.0 if fusion == "logits" else 0.1, fusion=fusion)
+    _swap_head(model, "bias")
+    bias = model.pilot.get_output_embeddings().bias
+    # an output-logit scale on this Llama (as Cohere's logit_scale): registered, since an unknown one is refused
+    monkeypatch.setitem(LOGIT_SCALE_RULES, "llama", ("logit_scale", False))
+    monkeypatch.setattr(model.pilot.config, "logit_scale", 0.5, raising=False)
+    assert model.logit_scale == 0.5
+    ref = generate(model, ids, impl="auto", **kw)  # CPU: the materialised path, 0.5 * lm_head(h)
+    assert head_calls == []
+    out = generate(model, ids, impl=impl, **kw)
+    assert head_calls == [impl] * 4
+    assert torch.equal(out, ref)
+    # what a head that dropped the bias, or scaled only h ((s h) W^T + c = s (h W^T + c / s)), would have picked:
+    # the materialised path with the bias zeroed or divided by s must differ, or the comparison above is vacuous
+    with torch.no_grad():
+        saved = bias.clone()
+        for wrong in (torch.zeros_like(saved), saved / 0.5):
+            bias.copy_(wrong)
+            assert not torch.equal(generate(model, ids, impl="auto", **kw), ref), "the bias' handling picks no token"
+        bias.copy_(saved)
+
+
+@pytest.mark.parametrize("kind", ["subclass", "hook"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_non_plain_lm_head_falls_back(head_calls, kind, impl):
     model = _sharp_pair()

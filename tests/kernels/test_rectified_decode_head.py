@@ -250,12 +250,14 @@ def test_triton_config_table():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pilot_bias", [False, True], ids=["", "pilot_bias"])
 @pytest.mark.parametrize("B", [1, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_products_and_greedy_llama_shapes(dtype, B):
+def test_gpu_products_and_greedy_llama_shapes(dtype, B, pilot_bias):
     """The CUDA configuration table (tensor-core tl.dot, pipelined stages) at a Llama-3.2-1B head: V=128256,
     d = c = 2048, hidden states as ``hidden[:, -1]`` views; products against fp32 matmuls of the same values,
-    greedy tokens against the reference wherever the best score is not within rounding of the runner-up."""
+    greedy tokens against the reference wherever the best score is not within rounding of the runner-up.
+    ``pilot_bias``: the Pilot's head has a bias too (``lm_head_bias``, Phi-style: the HAS_Z_BIAS kernel)."""
     g = torch.Generator(device="cuda").manual_seed(B)
     V, d = 128256, 2048
     hidden = torch.randn(B, 3, d, generator=g, device="cuda").to(dtype)
@@ -264,14 +266,15 @@ def test_gpu_products_and_greedy_llama_shapes(dtype, B):
     gc = torch.randn(B, d, generator=g, device="cuda").to(dtype)
     a = (torch.randn(V, d, generator=g, device="cuda") * 0.001).to(dtype)
     bias = (torch.randn(V, generator=g, device="cuda") * 0.001).to(dtype)
-    z, f = decode_head_products_triton(h, w, gc, a, bias, None)
-    z_ref, f_ref = decode_head_logits_reference(h, w, gc, a, bias)
+    c = (torch.randn(V, generator=g, device="cuda") * 0.02).to(dtype) if pilot_bias else None
+    z, f = decode_head_products_triton(h, w, gc, a, bias, None, lm_head_bias=c)
+    z_ref, f_ref = decode_head_logits_reference(h, w, gc, a, bias, lm_head_bias=c)
     # 16-bit products are exact in fp32: only the summation order of 2048 terms differs
     torch.testing.assert_close(z, z_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(f, f_ref, rtol=1e-4, atol=1e-4)
     for fusion in ("probs", "logits"):
-        got = rectified_decode_head(h, w, gc, a, bias, lam=0.5, fusion=fusion, impl="triton")
-        want = rectified_decode_head_reference(h, w, gc, a, bias, lam=0.5, fusion=fusion)
+        got = rectified_decode_head(h, w, gc, a, bias, lm_head_bias=c, lam=0.5, fusion=fusion, impl="triton")
+        want = rectified_decode_head_reference(h, w, gc, a, bias, lm_head_bias=c, lam=0.5, fusion=fusion)
         fused = (z_ref.softmax(-1) if fusion == "probs" else z_ref) + 0.5 * f_ref
         top2 = fused.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 1e-5 * top2[:, 0].abs().clamp(min=1e-3)

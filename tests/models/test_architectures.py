@@ -235,11 +235,17 @@ def test_fused_decode_head_picks_materialised_tokens(arch, head_calls, monkeypat
         ref = _materialised(model, ids, monkeypatch, **kw)
         assert head_calls == []
         out = model.generate(ids, impl="torch", **kw)
-        # a biased head is not read by the fused head: generate() must materialise it (lm_head(h) has the bias)
-        assert head_calls == ([] if biased else ["torch"] * steps)
+        # every family's head is a plain nn.Linear: the fused head runs, a biased one too (lm_head_bias)
+        assert head_calls == ["torch"] * steps
         head_calls.clear()
         assert torch.equal(out, ref), f"{arch} {fusion}: {out[:, ids.shape[1]:]} vs {ref[:, ids.shape[1]:]}"
         assert not torch.equal(out, alone), f"{arch} {fusion}: the Copilot changes no token: the test is vacuous"
+        if biased:  # the bias matters here, so a fused head that dropped it would differ
+            unbiased = _pilot(arch)
+            with torch.no_grad():
+                unbiased.get_output_embeddings().bias.zero_()
+            plain = _materialised(_pair(unbiased, error_out_std=ERROR_OUT_STD[fusion]), ids, monkeypatch, **kw)
+            assert not torch.equal(plain, ref), f"{arch} {fusion}: its LM-head bias changes no token"
         if neutral is not None:  # the scale / soft-cap matters here, so a path that dropped it would differ
             plain_pilot = _pilot(arch, **neutral)
             plain_pilot.load_state_dict(pilot.state_dict())

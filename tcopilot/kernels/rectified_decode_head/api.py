@@ -23,6 +23,7 @@ def rectified_decode_head(
     error_out_weight: torch.Tensor,
     error_out_bias: torch.Tensor | None = None,
     *,
+    lm_head_bias: torch.Tensor | None = None,
     lam: float | torch.Tensor = 1.0,
     fusion: str = "probs",
     temperature: float = 0.0,
@@ -35,9 +36,9 @@ def rectified_decode_head(
     """Next token [B] int64 from the final hidden states of the Pilot and the Copilot (both LM-head products).
 
     Equals ``rectified_next_token(z, f, ...)`` (see it for fusion, greedy, sampling and tie rules) with
-    ``z = pilot_hidden @ lm_head^T`` (then ``softcap * tanh(z / softcap)`` when ``softcap`` is set, Gemma-2
-    style) and ``f = copilot_hidden @ error_out_weight^T + error_out_bias``, both computed in fp32 from the
-    inputs cast to fp32 (the oracle: ``rectified_decode_head_reference``).
+    ``z = pilot_hidden @ lm_head^T + lm_head_bias`` (then ``softcap * tanh(z / softcap)`` when ``softcap`` is
+    set, Gemma-2 style) and ``f = copilot_hidden @ error_out_weight^T + error_out_bias``, both computed in fp32
+    from the inputs cast to fp32 (the oracle: ``rectified_decode_head_reference``); either bias may be None.
 
     Implementations:
         ``"torch"``: the products tile by tile over V (fp32 copies of one tile of the weights at a time);
@@ -45,20 +46,22 @@ def rectified_decode_head(
             no ``[B, V]`` tensor; sampling materialises ``z`` and ``f`` and draws exactly as
             ``rectified_next_token(impl="torch")`` (same generator use). Meant for the CPU.
         ``"triton"``: one kernel over (vocabulary blocks x row blocks) writes ``z`` and ``f`` to a ``[B, V]``
-            fp32 scratch, reading each weight once in its own dtype (``tl.dot``, fp32 accumulation), then
+            fp32 scratch, reading each weight once in its own dtype (``tl.dot``, fp32 accumulation; a bias is
+            one ``[V]`` vector more, read only when given), then
             ``rectified_next_token(impl="triton")``'s kernel picks the token from it, greedy or sampled, with
             that op's tokens and generator use. At decode the scratch (``8 * B * V`` bytes, 1 MB per row at
             V=128k) is small next to the weights (2 x 525 MB for a 128k x 2048 bf16 head and Copilot head),
             and it lets hundreds of programs share the vocabulary even at B=1 (see ``triton_impl.py``).
         ``"auto"``: Triton on CUDA tensors, PyTorch otherwise.
     Greedy results equal the reference's up to fp32 rounding ties (different summation orders).
-    :func:`tcopilot.generate` picks its tokens with this op (``num_beams=1``, Copilot in use, plain LM head;
-    see its ``impl`` argument).
+    :func:`tcopilot.generate` picks its tokens with this op (``num_beams=1``, Copilot in use, plain
+    ``nn.Linear`` LM head, with or without a bias; see its ``impl`` argument).
 
     Args:
         pilot_hidden: [B, d]; lm_head: [V, d] (the Pilot's ``lm_head.weight``).
         copilot_hidden: [B, c] (the Copilot's ``g``); error_out_weight: [V, c]; error_out_bias: [V] or None.
-            All on one device, each in any float dtype (they may differ).
+        lm_head_bias: [V] or None, keyword only: the Pilot's ``lm_head.bias`` (Phi, GPT-J, CodeGen), added to
+            ``z`` before the soft-cap. All tensors on one device, each in any float dtype (they may differ).
         lam, fusion, temperature, top_k, top_p, generator: as ``rectified_next_token``.
         softcap: None / 0 (off) or a finite number > 0.
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` (above; CPU tensors only under ``TRITON_INTERPRET=1``).
@@ -67,8 +70,9 @@ def rectified_decode_head(
         [B] int64 token ids in ``[0, V)``.
 
     Raises:
-        ValueError: naming the argument, for shapes, dtypes, devices, ``softcap``, the sampler's options,
-            an unknown ``impl`` or ``impl="triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
+        ValueError: naming the argument, for shapes, dtypes, devices (each bias: [V], float, on ``pilot_hidden``'s
+            device), ``softcap``, the sampler's options, an unknown ``impl`` or ``impl="triton"`` on CPU tensors
+            without ``TRITON_INTERPRET=1``.
         NotImplementedError: ``impl="triton"`` when the Triton implementation cannot be imported.
     """
     check_tensor("pilot_hidden", pilot_hidden, ndim=2, dtypes=FLOAT_DTYPES)
@@ -82,6 +86,8 @@ def rectified_decode_head(
                  shape=(vocab, c))
     if error_out_bias is not None:
         check_tensor("error_out_bias", error_out_bias, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(vocab,))
+    if lm_head_bias is not None:
+        check_tensor("lm_head_bias", lm_head_bias, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(vocab,))
     if softcap is not None:
         softcap = check_finite("softcap", softcap)
         if softcap < 0:
@@ -97,5 +103,6 @@ def rectified_decode_head(
         from .torch_impl import rectified_decode_head_torch as fn
     else:
         fn = triton_fn
-    return fn(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, lam=lam, fusion=fusion,
-              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, softcap=softcap or None)
+    return fn(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, lm_head_bias=lm_head_bias,
+              lam=lam, fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+              softcap=softcap or None)

@@ -17,8 +17,10 @@ from ..rectified_next_token.torch_impl import rectified_next_token_torch
 BLOCK_V = 8192
 
 
-def _z_tile(h, w, lo, hi, softcap):
+def _z_tile(h, w, c, lo, hi, softcap):
     z = h @ w[lo:hi].float().t()
+    if c is not None:  # the Pilot's LM-head bias, before the soft-cap
+        z = z + c[lo:hi].float()
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     return z
@@ -30,7 +32,8 @@ def _f_tile(g, a, b, lo, hi):
 
 
 def rectified_decode_head_torch(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, *, lam,
-                                fusion, temperature, top_k, top_p, generator, softcap, block_v: int = BLOCK_V):
+                                fusion, temperature, top_k, top_p, generator, softcap, lm_head_bias=None,
+                                block_v: int = BLOCK_V):
     """[B] int64 on validated inputs; ``lam`` is a float or a [B] fp32 tensor."""
     h, g = pilot_hidden.float(), copilot_hidden.float()
     bsz, vocab = h.shape[0], lm_head.shape[0]
@@ -41,7 +44,7 @@ def rectified_decode_head_torch(pilot_hidden, lm_head, copilot_hidden, error_out
         f = torch.empty_like(z)
         for lo in range(0, vocab, block_v):
             hi = min(lo + block_v, vocab)
-            z[:, lo:hi] = _z_tile(h, lm_head, lo, hi, softcap)
+            z[:, lo:hi] = _z_tile(h, lm_head, lm_head_bias, lo, hi, softcap)
             f[:, lo:hi] = _f_tile(g, error_out_weight, error_out_bias, lo, hi)
         return rectified_next_token_torch(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
                                           top_p=top_p, generator=generator)
@@ -49,7 +52,7 @@ def rectified_decode_head_torch(pilot_hidden, lm_head, copilot_hidden, error_out
         m = torch.full((bsz, 1), float("-inf"), device=device)
         s = torch.zeros((bsz, 1), device=device)
         for lo in range(0, vocab, block_v):
-            z = _z_tile(h, lm_head, lo, hi := min(lo + block_v, vocab), softcap)
+            z = _z_tile(h, lm_head, lm_head_bias, lo, hi := min(lo + block_v, vocab), softcap)
             m_new = torch.maximum(m, z.amax(dim=-1, keepdim=True))
             s = s * torch.exp(m - m_new).nan_to_num_(0.0) + torch.exp(z - m_new).sum(dim=-1, keepdim=True)
             m = m_new
@@ -58,7 +61,7 @@ def rectified_decode_head_torch(pilot_hidden, lm_head, copilot_hidden, error_out
     best_id = torch.zeros((bsz,), dtype=torch.long, device=device)
     for lo in range(0, vocab, block_v):
         hi = min(lo + block_v, vocab)
-        z = _z_tile(h, lm_head, lo, hi, softcap)
+        z = _z_tile(h, lm_head, lm_head_bias, lo, hi, softcap)
         f = _f_tile(g, error_out_weight, error_out_bias, lo, hi)
         fused = (torch.exp(z - lse) if fusion == "probs" else z) + lam_col * f
         val, idx = fused.max(dim=-1)

@@ -3,9 +3,10 @@
 Two launches:
 
 1. **Products** (``_decode_head_products_kernel``): a 1-D grid over (vocabulary blocks x row blocks); each
-   program computes its ``[BLOCK_B, BLOCK_V]`` tiles of both ``z = h @ W^T`` (soft-capped) and
-   ``f = g @ A^T + b`` with ``tl.dot`` over ``BLOCK_K`` slices of the hidden sizes, fp32 accumulation, and
-   writes them to a ``[B, V]`` fp32 scratch each.
+   program computes its ``[BLOCK_B, BLOCK_V]`` tiles of both ``z = h @ W^T + c`` (``c`` the Pilot's optional
+   LM-head bias; then soft-capped) and ``f = g @ A^T + b`` with ``tl.dot`` over ``BLOCK_K`` slices of the
+   hidden sizes, fp32 accumulation, and writes them to a ``[B, V]`` fp32 scratch each. Each bias is one more
+   ``[BLOCK_V]`` load per tile, compiled in only when present (``HAS_Z_BIAS`` / ``HAS_F_BIAS``).
 2. **Choice**: ``rectified_next_token_triton`` (one program per row) on that scratch, for greedy decoding and
    sampling alike, so tokens, tie rules, fallbacks and the use of ``generator`` are exactly those of
    ``rectified_next_token(z, f, impl="triton")``.
@@ -65,9 +66,10 @@ def _head_tile(x_ptr, w_ptr, rows, cols, n_rows, n_cols, K, sx0, sx1, sw0, sw1,
 
 @triton.jit
 def _decode_head_products_kernel(
-    h_ptr, w_ptr, g_ptr, a_ptr, b_ptr, z_ptr, f_ptr,
+    h_ptr, w_ptr, zb_ptr, g_ptr, a_ptr, fb_ptr, z_ptr, f_ptr,
     B, V, D, C, s_h0, s_h1, s_w0, s_w1, s_g0, s_g1, s_a0, s_a1, softcap,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, Z_NATIVE: tl.constexpr, F_NATIVE: tl.constexpr,
+    HAS_Z_BIAS: tl.constexpr, HAS_F_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, Z_NATIVE: tl.constexpr,
+    F_NATIVE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -82,14 +84,16 @@ def _decode_head_products_kernel(
 
     z = _head_tile(h_ptr, w_ptr, rows, cols, B, V, D, s_h0, s_h1, s_w0, s_w1, BLOCK_B, BLOCK_V, BLOCK_K,
                    Z_NATIVE)
+    if HAS_Z_BIAS:  # the Pilot's LM-head bias, before the soft-cap (as the head's output is capped)
+        z += tl.load(zb_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:  # softcap * tanh(z / softcap), written with exp (tanh = 2 / (1 + exp(-2t)) - 1)
         z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * (z / softcap))) - 1.0)
     tl.store(z_ptr + out, z, mask=out_ok)
 
     f = _head_tile(g_ptr, a_ptr, rows, cols, B, V, C, s_g0, s_g1, s_a0, s_a1, BLOCK_B, BLOCK_V, BLOCK_K,
                    F_NATIVE)
-    if HAS_BIAS:
-        f += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    if HAS_F_BIAS:
+        f += tl.load(fb_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
     tl.store(f_ptr + out, f, mask=out_ok)
 
 
@@ -103,7 +107,8 @@ def _decode_head_products_kernel(
 # * BLOCK_B: 16 is tl.dot's minimum; it grows with B up to 64 (native) so that up to B=64 every weight tile is
 #   read by one program only (M=64 also gets Hopper's wgmma). Beyond, the row blocks of a vocabulary block run
 #   side by side (launch order) and share the weight tile through L2; B=128 is then a small GEMM.
-# * BLOCK_K 64 and 4 warps (8 at BLOCK_B=64: 255 registers and spills with 4, 144 with 8, bias + soft-cap).
+# * BLOCK_K 64 and 4 warps (8 at BLOCK_B=64: 255 registers and spills with 4, 144 with 8, bias + soft-cap; 153 with
+#   the Pilot's bias too, no spills).
 #   num_stages: as many pipelined K slices (at most 4) as fit in ~96 KiB of shared memory (16-bit weights:
 #   3-4 stages of 18-25 KiB), within Hopper's and Ampere's limits.
 # * cast (fp32, mixed dtypes: an edge case, no tensor cores): the fp32 copies of the tiles live in registers,
@@ -137,7 +142,8 @@ def _native(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias=None,
-                                softcap=None, *, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                softcap=None, *, lm_head_bias=None,
+                                config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z, f)``, both [B, V] fp32 (the scratch), from validated inputs in one launch (``config``: tests)."""
     bsz, d = pilot_hidden.shape
     vocab, c = lm_head.shape[0], copilot_hidden.shape[1]
@@ -149,23 +155,24 @@ def decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out
     elt = max(t.element_size() for t in (h, w, g, a))
     cfg = dict(config) if config is not None else _config(device, bsz, z_native and f_native, elt)
     grid = (triton.cdiv(bsz, cfg["BLOCK_B"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
-    # [V], negligible next to the weights; z stands in (unread) when there is no bias
-    b = error_out_bias.contiguous() if error_out_bias is not None else z
+    # [V] each, negligible next to the weights; z stands in (unread) for an absent bias
+    zb = lm_head_bias.contiguous() if lm_head_bias is not None else z
+    fb = error_out_bias.contiguous() if error_out_bias is not None else z
     # Triton launches on the current CUDA device: make it the inputs' one
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         _decode_head_products_kernel[grid](
-            h, w, g, a, b, z, f, bsz, vocab, d, c, *h.stride(), *w.stride(), *g.stride(), *a.stride(),
-            float(softcap or 1.0), HAS_BIAS=error_out_bias is not None, SOFTCAP=bool(softcap),
-            Z_NATIVE=z_native, F_NATIVE=f_native, **cfg,
+            h, w, zb, g, a, fb, z, f, bsz, vocab, d, c, *h.stride(), *w.stride(), *g.stride(), *a.stride(),
+            float(softcap or 1.0), HAS_Z_BIAS=lm_head_bias is not None, HAS_F_BIAS=error_out_bias is not None,
+            SOFTCAP=bool(softcap), Z_NATIVE=z_native, F_NATIVE=f_native, **cfg,
         )
     return z, f
 
 
 def rectified_decode_head_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, *, lam,
-                                 fusion, temperature, top_k, top_p, generator, softcap):
+                                 fusion, temperature, top_k, top_p, generator, softcap, lm_head_bias=None):
     """[B] int64 on validated inputs; ``lam`` is a float or a [B] (or 0-d) tensor."""
     z, f = decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias,
-                                       softcap)
+                                       softcap, lm_head_bias=lm_head_bias)
     # api.rectified_decode_head has validated every option (lam's values included): no second host sync
     return rectified_next_token_triton(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
                                        top_p=top_p, generator=generator, validate=False)
