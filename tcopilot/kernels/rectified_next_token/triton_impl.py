@@ -170,10 +170,11 @@ def _search(
             ok = stat_i >= k
         cand = slot >= 1
         passing = cand & ok
+        # `x == 0`, not `~x`, negates these booleans: Triton 3.3's interpreter has no `~` for them (pyproject floor).
         best = tl.max(tl.where(passing, piv, float("-inf")))
         any_pass = best > float("-inf")
         sel = passing & (piv == best)
-        hi = tl.minimum(hi, tl.min(tl.where(cand & (~ok), piv, float("inf"))))
+        hi = tl.minimum(hi, tl.min(tl.where(cand & (ok == 0), piv, float("inf"))))
         # {w >= best} = {w >= its smallest member}: move v0 up to that weight.
         v0_new = tl.where(any_pass, tl.min(tl.where(sel, mn, float("inf"))), v0)
         stalled = v0_new <= v0  # cannot happen in exact arithmetic; guards against denormal flushing
@@ -184,10 +185,10 @@ def _search(
         k_v0 = b ^ ((b >> 31) & 0x7FFFFFFF)
         b = hi.to(tl.int32, bitcast=True)
         k_hi = b ^ ((b >> 31) & 0x7FFFFFFF)
-        stop = (~any_pass) | stalled | (v0 >= 0.0) | (k_v0 + 1 >= k_hi) | (n_pass >= MAX_PASSES)
+        stop = (any_pass == 0) | stalled | (v0 >= 0.0) | (k_v0 + 1 >= k_hi) | (n_pass >= MAX_PASSES)
         if not IS_TOP_P:
             stop = stop | (tl.max(tl.where(sel, stat_i, 0)) == k)  # exactly k kept: no tie to resolve
-        going = ~stop
+        going = stop == 0
     return v0, n_pass
 
 
