@@ -111,3 +111,30 @@ def test_impl_triton_model_runs_copilot_error_loss_on_its_torch_path(monkeypatch
     ids, mask = left_padded_prompts()
     out = model(ids, attention_mask=mask)
     assert torch.isfinite(out.loss) and seen == ["auto"]
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values", "cache_params"])
+def test_run_base_passes_and_reads_the_cache_under_the_backbones_own_name(name):
+    """transformers 5.2x says ``cache``; older attention models ``past_key_values`` and 5.17's Mamba family
+    ``cache_params``. A cache passed under a name the forward lacks vanishes into ``**kwargs`` and each decode
+    step restarts from an empty state, so the name must be read off the signature (and the output's fields)."""
+    import inspect
+    from dataclasses import make_dataclass
+
+    from tcopilot.pilot import run_base
+
+    out_type = make_dataclass("Out", ["last_hidden_state", name])
+
+    class Backbone(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, **kwargs):
+            seen.update(kwargs)
+            return out_type(torch.zeros(1, 1, 2), "new-cache")
+
+    # The forward declares the cache under ``name`` (its **kwargs still swallow anything else, as HF's do).
+    params = list(inspect.signature(Backbone.forward).parameters.values())
+    params.insert(-1, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
+    Backbone.forward.__signature__ = inspect.Signature(params)
+    seen = {}
+    hidden, cache = run_base(Backbone(), torch.zeros(1, 1, dtype=torch.long), None, None, cache="old-cache",
+                             use_cache=True)
+    assert seen == {name: "old-cache"} and cache == "new-cache"
