@@ -77,10 +77,14 @@ stage versions 30 "$OUT/versions.txt" bash -c "
 import platform, torch
 print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda)
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')
-for mod in ('triton', 'transformers', 'pytest', 'pytest_benchmark', 'liger_kernel', 'cut_cross_entropy'):
+for mod in ('triton', 'transformers', 'numpy', 'pytest', 'pytest_benchmark', 'liger_kernel', 'cut_cross_entropy'):
     try:
         m = __import__(mod)
-        print(mod, getattr(m, '__version__', '?'))
+        try:  # the installed distribution's version: liger_kernel has no __version__
+            from importlib.metadata import version
+            print(mod, version(mod))
+        except Exception:
+            print(mod, getattr(m, '__version__', '?'))
     except Exception as err:
         print(mod, 'not importable:', type(err).__name__)
 EOF"
