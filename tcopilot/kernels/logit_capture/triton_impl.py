@@ -834,8 +834,7 @@ def capture_bwd_triton(
     ``loss`` / ``p_values`` or ``None``; ``values_meta`` ``(shape, dtype)`` of ``values`` or ``None``.
     """
     lab = labels.to(torch.int64).contiguous()
-    need_bias = need_bias and bias is not None
-    dloss = None
+    dloss = None  # need_bias is False without a bias: capture_grads, the one caller, decides it
     if g_loss is not None and (need_hidden or need_weight or need_bias):
         dloss = row_grads(g_loss, lab != ignore_index, token_weights, denom, reduction, lse.dtype)
     if values_meta is None:
