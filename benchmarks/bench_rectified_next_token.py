@@ -3,7 +3,9 @@
 Providers: ``naive`` (an eager sampler as generation loops write it: ``softmax(z) + lam * f``, clamp, log,
 temperature, ``topk`` mask, Hugging Face-style top-p through a full sort and ``cumsum``,
 ``torch.multinomial``), ``compile`` (``torch.compile`` of it), ``torch`` and ``triton``
-(``tcopilot.rectified_next_token(impl=...)``).
+(``tcopilot.rectified_next_token(impl=...)``; greedy runs its split-row kernels, many programs per row), and in
+greedy mode ``triton_rowwise``: the Triton one-program-per-row kernel forced (``split=False``), to measure the two
+designs side by side.
 
 Modes: ``greedy`` (temperature 0), ``topk_topp`` (temperature 0.8, top-k 50, top-p 0.9) and ``topp``
 (temperature 1, top-p 0.9: the full-vocabulary sort path).
@@ -85,7 +87,8 @@ def _grid(cpu_shapes, gpu_shapes, modes, providers, full_only, prefix=""):
 
 
 def _cases():
-    return _grid(CPU_SHAPES, GPU_SHAPES, MODES, PROVIDERS, GPU_FULL_ONLY)
+    rowwise = _grid([], GPU_SHAPES, ["greedy"], ["triton_rowwise"], GPU_FULL_ONLY)  # Triton: GPU only anyway
+    return _grid(CPU_SHAPES, GPU_SHAPES, MODES, PROVIDERS, GPU_FULL_ONLY) + rowwise
 
 
 def eager_sample(z, f, lam: float, temperature: float, top_k: int, top_p: float):
@@ -136,6 +139,11 @@ def test_rectified_next_token_speed(benchmark, shape: Shape, mode: str, provider
         if _compiled is None:
             _compiled = torch.compile(eager_sample)
         fn = lambda: _compiled(z, f, LAM, **opts)  # noqa: E731
+    elif provider == "triton_rowwise":
+        need_triton("rectified_next_token")
+        from tcopilot.kernels.rectified_next_token.triton_impl import rectified_next_token_triton
+
+        fn = lambda: rectified_next_token_triton(z, f, lam=LAM, split=False, **opts)  # noqa: E731
     else:
         if provider == "triton":
             need_triton("rectified_next_token")
@@ -145,7 +153,7 @@ def test_rectified_next_token_speed(benchmark, shape: Shape, mode: str, provider
     # support of the reference distribution (for the eager warpers, whose top-p boundary rule differs from
     # ours by ties, the support before top-p).
     tokens = timed_first_call(fn, provider)[0] if provider == "compile" else fn()
-    exact_support = provider in ("torch", "triton") or mode == "greedy"
+    exact_support = provider in ("torch", "triton", "triton_rowwise") or mode == "greedy"
     ref_opts = dict(opts) if exact_support else dict(opts, top_p=1.0)
     probs = rectified_probs_reference(z, f, lam=LAM, **ref_opts)
     if mode == "greedy":

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 OP_ORDER = ["logit_capture", "log_attention", "rectified_next_token", "e2e"]
-PROVIDER_ORDER = ["naive", "compile", "torch_lce", "liger", "cce", "sdpa", "flex", "torch", "triton"]
+PROVIDER_ORDER = ["naive", "compile", "torch_lce", "liger", "cce", "sdpa", "flex", "torch", "triton_rowwise", "triton"]
 PEERS = {"compile", "torch_lce", "liger", "cce", "sdpa", "flex"}
 OURS = ("triton", "torch")  # preference order for "our kernel" in a group
 MODE_ORDER = {"fwd": 0, "fwd_bwd": 1, "greedy": 2, "topk_topp": 3, "topp": 4, "train": 5, "decode": 6}

@@ -306,15 +306,18 @@ def _logit_capture_cases() -> Iterator[Case]:
 # ---- rectified_next_token ------------------------------------------------------------------------------
 
 _RNT_B, _RNT_V = 32, 128256
-# (label, FUSION_PROBS, SAMPLE, PHILOX, SEED_PER_ROW, WRITE_PASSES)
+_RDH_PARTS = 1002  # the decode head's softmax partials per row: ceil(128256 / 128) vocabulary blocks
+# (label, FUSION_PROBS, SAMPLE, PHILOX, SEED_PER_ROW, WRITE_PASSES, HAS_STATS). Greedy and unfiltered rows run
+# the split kernels on a GPU (below); this kernel serves them only when forced (split=False, benchmarks).
 _RNT_FLAGS = [
-    ("greedy probs", True, False, False, False, False),
-    ("greedy logits", False, False, False, False, False),
-    ("sample probs", True, True, False, False, False),
-    ("sample logits", False, True, False, False, False),
-    ("sample probs philox", True, True, True, False, False),
-    ("sample probs philox per-row seed", True, True, True, True, False),
-    ("sample probs + passes", True, True, False, False, True),
+    ("greedy probs", True, False, False, False, False, False),
+    ("greedy logits", False, False, False, False, False, False),
+    ("sample probs", True, True, False, False, False, False),
+    ("sample logits", False, True, False, False, False, False),
+    ("sample probs philox", True, True, True, False, False, False),
+    ("sample probs philox per-row seed", True, True, True, True, False, False),
+    ("sample probs + passes", True, True, False, False, True, False),
+    ("sample probs, decode-head partials", True, True, False, False, False, True),
 ]
 
 
@@ -329,21 +332,87 @@ def _rectified_next_token_cases() -> Iterator[Case]:
     for dname in ("bf16", "fp16", "fp32"):
         dt = _torch_dtype(dname)
         f32, i32, i64 = Ptr(torch.float32), Ptr(torch.int32), Ptr(torch.int64)
-        for label, probs, sample, philox, per_row, passes in _RNT_FLAGS:
+        for label, probs, sample, philox, per_row, passes, stats in _RNT_FLAGS:
+            if stats and dname != "fp32":
+                continue  # the decode head's scratch is fp32
             # As the launcher passes them: unused pointers are other tensors of the call.
             u = f32 if sample and not philox else Ptr(dt)
+            parts = _RDH_PARTS if stats else 1
             args = dict(
                 z_ptr=Ptr(dt), f_ptr=Ptr(dt), u_ptr=u, seed_ptr=i64 if philox else i32, out_ptr=i64,
                 passes_ptr=i32 if passes else i64, lam_ptr=f32, temp_ptr=f32, topk_ptr=i32, topp_ptr=f32,
+                pm_ptr=f32 if stats else i64, ps_ptr=f32 if stats else i64, pa_ptr=i64,
                 V=_RNT_V, stride_z=_RNT_V, stride_f=_RNT_V, stride_u=_RNT_V if sample and not philox else 0,
+                P=parts,
             )  # fmt: skip
             yield Case(
                 kernel="rectified_next_token", fn=rnt._rectified_next_token_kernel, dtype=dname,
                 config=f"{label}; V{block_v} S{block_s} w{warps}", args=args,
                 constexprs=dict(FUSION_PROBS=probs, SAMPLE=sample, PHILOX=philox, SEED_PER_ROW=per_row,
+                                HAS_STATS=stats, BLOCK_P=min(1024, _pow2(parts)),
                                 BLOCK_V=block_v, BLOCK_S=block_s, NPIV=rnt._NPIV, N_VALUE=rnt._N_VALUE_PIVOTS,
                                 MAX_PASSES=rnt._MAX_SEARCH_PASSES, WRITE_PASSES=passes),
                 num_warps=warps, quick=label == "sample probs" and dname == "bf16",
+            )  # fmt: skip
+
+
+# (label, FUSION_PROBS, SAMPLE, PHILOX, SEED_PER_ROW, partials from the decode head)
+_SPLIT_FLAGS = [
+    ("greedy probs", True, False, False, False, False),
+    ("greedy logits", False, False, False, False, False),
+    ("sample probs", True, True, False, False, False),
+    ("sample logits", False, True, False, False, False),
+    ("sample probs philox per-row seed", True, True, True, True, False),
+    ("greedy probs, decode-head partials", True, False, False, False, True),
+    ("sample probs, decode-head partials", True, True, False, False, True),
+]
+
+
+def _rectified_next_token_split_cases() -> Iterator[Case]:
+    import torch
+
+    from tcopilot.kernels.rectified_next_token import triton_split as rs
+
+    chunk, warps = rs._GPU_CHUNK, rs._GPU_WARPS
+    tiles = -(-_RNT_V // chunk)
+    f32, i64 = Ptr(torch.float32), Ptr(torch.int64)
+    for dname in ("bf16", "fp16", "fp32"):
+        dt = _torch_dtype(dname)
+        yield Case(
+            kernel="rectified_next_token_split", fn=rs._softmax_partials_kernel, dtype=dname,
+            config=f"softmax partials; C{chunk} w{warps}",
+            args=dict(z_ptr=Ptr(dt), pm_ptr=f32, ps_ptr=f32, pa_ptr=i64, V=_RNT_V, stride_z=_RNT_V, S=tiles),
+            constexprs=dict(CHUNK=chunk), num_warps=warps,
+        )  # fmt: skip
+        for label, probs, sample, philox, per_row, head in _SPLIT_FLAGS:
+            if head and dname != "fp32":
+                continue  # the decode head's scratch is fp32
+            parts = _RDH_PARTS if head else tiles if probs else 1
+            stat = dict(pm_ptr=f32, ps_ptr=f32, pa_ptr=i64) if probs else dict(pm_ptr=i64, ps_ptr=i64, pa_ptr=i64)
+            race = dict(rm_ptr=f32, rb_ptr=f32, ra_ptr=i64)
+            block_p = min(rs._MAX_BLOCK_P, _pow2(parts))
+            args = dict(
+                z_ptr=Ptr(dt), f_ptr=Ptr(dt), u_ptr=f32 if sample and not philox else Ptr(dt),
+                seed_ptr=i64 if philox else Ptr(dt), lam_ptr=f32, temp_ptr=f32, **stat, gb_ptr=f32, ga_ptr=i64,
+                **race, V=_RNT_V, stride_z=_RNT_V, stride_f=_RNT_V,
+                stride_u=_RNT_V if sample and not philox else 0, P=parts, S=tiles,
+            )  # fmt: skip
+            yield Case(
+                kernel="rectified_next_token_split", fn=rs._choice_partials_kernel, dtype=dname,
+                config=f"choice partials, {label}; C{chunk} P{block_p} w{warps}", args=args,
+                constexprs=dict(FUSION_PROBS=probs, SAMPLE=sample, PHILOX=philox, SEED_PER_ROW=per_row,
+                                CHUNK=chunk, BLOCK_P=block_p),
+                num_warps=warps, quick=label == "sample probs" and dname == "bf16",
+            )  # fmt: skip
+            if dname != "fp32":
+                continue  # the combine reads only the fp32 / int64 partials
+            args = dict(out_ptr=i64, temp_ptr=f32, **stat, gb_ptr=f32, ga_ptr=i64, **race, V=_RNT_V, P=parts, S=tiles)
+            yield Case(
+                kernel="rectified_next_token_split", fn=rs._combine_kernel, dtype="fp32",
+                config=f"combine, {label}; S{_pow2(tiles)} P{block_p} w{warps}", args=args,
+                constexprs=dict(FUSION_PROBS=probs, SAMPLE=sample, BLOCK_S=min(rs._MAX_BLOCK_P, _pow2(tiles)),
+                                BLOCK_P=block_p),
+                num_warps=warps,
             )  # fmt: skip
 
 
@@ -354,6 +423,7 @@ def _rectified_next_token_cases() -> Iterator[Case]:
 _RDH_V, _RDH_D, _RDH_C, _RDH_L = 128256, 2048, 2048, 512
 # (label, batch, dtype of h and W, dtype of g and A, HAS_F_BIAS, SOFTCAP, HAS_Z_BIAS). "bias" is the Copilot's
 # error_out bias (added to f), "pilot bias" the Pilot's LM-head bias (lm_head_bias, added to z: Phi, GPT-J, CodeGen).
+# Every case writes the softmax partials (WRITE_STATS: fusion="probs", the default); _RDH_LOGITS_CASES do not.
 _RDH_CASES = [
     ("B=1", 1, "bf16", "bf16", False, False, False),
     ("B=32", 32, "bf16", "bf16", False, False, False),
@@ -370,6 +440,8 @@ _RDH_CASES = [
     ("B=32 both biases softcap", 32, "fp32", "fp32", True, True, True),
     ("B=32 both biases softcap, fp32 h / bf16 W", 32, "fp32", "bf16", True, True, True),
 ]
+_RDH_LOGITS_CASES = [("B=1 logits fusion", 1, "bf16", "bf16", False, False, False),
+                     ("B=64 logits fusion, bias softcap", 64, "bf16", "bf16", True, True, False)]
 
 
 def _rectified_decode_head_cases() -> Iterator[Case]:
@@ -378,7 +450,8 @@ def _rectified_decode_head_cases() -> Iterator[Case]:
     from tcopilot.kernels.rectified_decode_head import triton_impl as rdh
 
     cuda = torch.device("cuda")
-    for label, bsz, zd, fd, bias, cap, z_bias in _RDH_CASES:
+    for label, bsz, zd, fd, bias, cap, z_bias in _RDH_CASES + _RDH_LOGITS_CASES:
+        stats = "logits" not in label
         # h and W share a dtype (the api checks it); "fp32 h / bf16 W" is the pilot in fp32, the Copilot in bf16.
         h_dt, w_dt = _torch_dtype(zd), _torch_dtype(zd if zd == fd else "bf16")
         g_dt = a_dt = _torch_dtype(fd)
@@ -391,7 +464,8 @@ def _rectified_decode_head_cases() -> Iterator[Case]:
             # an absent bias is passed as z (fp32); the Pilot's bias comes in W's dtype (lm_head_operands)
             h_ptr=Ptr(h_dt), w_ptr=Ptr(w_dt), zb_ptr=Ptr(w_dt if z_bias else torch.float32), g_ptr=Ptr(g_dt),
             a_ptr=Ptr(a_dt), fb_ptr=Ptr(a_dt if bias else torch.float32), z_ptr=Ptr(torch.float32),
-            f_ptr=Ptr(torch.float32),
+            f_ptr=Ptr(torch.float32), pm_ptr=Ptr(torch.float32), ps_ptr=Ptr(torch.float32),
+            pa_ptr=Ptr(torch.int64 if stats else torch.float32),
             B=bsz, V=_RDH_V, D=_RDH_D, C=_RDH_C, s_h0=_RDH_L * _RDH_D, s_h1=1, s_w0=_RDH_D, s_w1=1,
             s_g0=_RDH_L * _RDH_C, s_g1=1, s_a0=_RDH_C, s_a1=1, softcap=30.0 if cap else 1.0,
         )  # fmt: skip
@@ -401,7 +475,7 @@ def _rectified_decode_head_cases() -> Iterator[Case]:
             dtype=zd if zd == fd else f"{zd}/{fd}",
             config=f"{label}; {blocks} w{cfg['num_warps']} s{cfg['num_stages']}", args=args,
             constexprs=dict(meta, HAS_Z_BIAS=z_bias, HAS_F_BIAS=bias, SOFTCAP=cap, Z_NATIVE=z_native,
-                            F_NATIVE=f_native),
+                            F_NATIVE=f_native, WRITE_STATS=stats),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], quick=label == "B=1" and zd == "bf16",
             dot_m=meta.get("BLOCK_B"),
         )  # fmt: skip
@@ -411,6 +485,7 @@ _GENERATORS = {
     "log_attention": _log_attention_cases,
     "logit_capture": _logit_capture_cases,
     "rectified_next_token": _rectified_next_token_cases,
+    "rectified_next_token_split": _rectified_next_token_split_cases,
     "rectified_decode_head": _rectified_decode_head_cases,
 }
 

@@ -169,6 +169,23 @@ def test_triton_products_equal_reference(dtype, B):
         torch.testing.assert_close(f, f_ref, **_tol(h.dtype))
 
 
+@pytest.mark.parametrize("B", [1, 19])
+def test_triton_products_softmax_partials(B):
+    """The per-block (max, sum exp, argmax) of z that the products kernel writes for the sampler (its pass over z
+    skipped) equal those computed from the z it wrote; row blocks of 16 and a partial last vocabulary block."""
+    h, w, gc, a, b = _inputs(B=B, **ODD)
+    cfg = dict(BLOCK_B=16, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    z, f, (pm, ps, pa) = decode_head_products_triton(h, w, gc, a, b, 2.0, config=cfg, with_stats=True)
+    assert torch.equal(z, decode_head_products_triton(h, w, gc, a, b, 2.0, config=cfg)[0])
+    n_vb = -(-z.shape[1] // 32)
+    assert pm.shape == ps.shape == pa.shape == (B, n_vb) and pa.dtype == torch.int64
+    blocks = torch.nn.functional.pad(z, (0, n_vb * 32 - z.shape[1]), value=float("-inf")).view(B, n_vb, 32)
+    want_m, want_arg = blocks.max(-1)
+    torch.testing.assert_close(pm, want_m, rtol=0, atol=0)
+    torch.testing.assert_close(ps, (blocks - want_m[..., None]).exp().sum(-1), rtol=1e-6, atol=0)
+    assert torch.equal(pa, want_arg + 32 * torch.arange(n_vb))
+
+
 def test_triton_products_strided_rows_are_bitwise_equal():
     h, w, gc, a, b = _inputs(B=5, **ODD)
     z, f = decode_head_products_triton(h, w, gc, a, b, 2.0)

@@ -47,11 +47,13 @@ def rectified_decode_head(
             ``rectified_next_token(impl="torch")`` (same generator use). Meant for the CPU.
         ``"triton"``: one kernel over (vocabulary blocks x row blocks) writes ``z`` and ``f`` to a ``[B, V]``
             fp32 scratch, reading each weight once in its own dtype (``tl.dot``, fp32 accumulation; a bias is
-            one ``[V]`` vector more, read only when given), then
-            ``rectified_next_token(impl="triton")``'s kernel picks the token from it, greedy or sampled, with
-            that op's tokens and generator use. At decode the scratch (``8 * B * V`` bytes, 1 MB per row at
-            V=128k) is small next to the weights (2 x 525 MB for a 128k x 2048 bf16 head and Copilot head),
-            and it lets hundreds of programs share the vocabulary even at B=1 (see ``triton_impl.py``).
+            one ``[V]`` vector more, read only when given), and with ``fusion="probs"`` each vocabulary block's
+            softmax partials of ``z`` (max, sum-exp, argmax), then ``rectified_next_token(impl="triton")``'s
+            kernels pick the token from it, greedy or sampled, with that op's tokens and generator use (they fold
+            those partials instead of re-reading ``z`` for its softmax statistics). At decode the scratch
+            (``8 * B * V`` bytes, 1 MB per row at V=128k) is small next to the weights (2 x 525 MB for a
+            128k x 2048 bf16 head and Copilot head), and it lets hundreds of programs share the vocabulary even
+            at B=1 (see ``triton_impl.py``).
         ``"auto"``: Triton on CUDA tensors, PyTorch otherwise.
     Greedy results equal the reference's up to fp32 rounding ties (different summation orders).
     :func:`tcopilot.generate` picks its tokens with this op (``num_beams=1``, Copilot in use, plain

@@ -1,21 +1,24 @@
 """Triton ``rectified_decode_head`` (semantics: ``api``; oracle: ``reference.py``).
 
-Two launches:
+Two steps:
 
 1. **Products** (``_decode_head_products_kernel``): a 1-D grid over (vocabulary blocks x row blocks); each
    program computes its ``[BLOCK_B, BLOCK_V]`` tiles of both ``z = h @ W^T + c`` (``c`` the Pilot's optional
    LM-head bias; then soft-capped) and ``f = g @ A^T + b`` with ``tl.dot`` over ``BLOCK_K`` slices of the
    hidden sizes, fp32 accumulation, and writes them to a ``[B, V]`` fp32 scratch each. Each bias is one more
-   ``[BLOCK_V]`` load per tile, compiled in only when present (``HAS_Z_BIAS`` / ``HAS_F_BIAS``).
-2. **Choice**: ``rectified_next_token_triton`` (one program per row) on that scratch, for greedy decoding and
-   sampling alike, so tokens, tie rules, fallbacks and the use of ``generator`` are exactly those of
-   ``rectified_next_token(z, f, impl="triton")``.
+   ``[BLOCK_V]`` load per tile, compiled in only when present (``HAS_Z_BIAS`` / ``HAS_F_BIAS``). With
+   ``fusion="probs"`` (``WRITE_STATS``) it also writes, per row and vocabulary block, the block's max of ``z``,
+   its ``sum exp(z - max)`` and its argmax: ``[B, V / BLOCK_V]`` each, what the choice would otherwise re-read
+   ``z`` for.
+2. **Choice**: ``rectified_next_token_triton`` on that scratch and those partials (``row_stats``), for greedy
+   decoding and sampling alike, so tokens, tie rules, fallbacks and the use of ``generator`` are those of
+   ``rectified_next_token(z, f, impl="triton")``: its split-row kernels (many programs per row) when no top-k /
+   top-p is on, its one-program-per-row kernel otherwise.
 
 Why a scratch: at decode the weights dominate the bytes. With V=128256 and d = c = 2048 in bf16 the two
-heads are 2 x 525 MB; the scratch is ``2 * B * V * 4`` bytes, 1 MB per row, written once and read twice
-(``fusion="logits"``) or three times (``"probs"``) by a greedy choice: 0.25% of the weights' bytes at B=1,
-16% at B=64 (sampling with top-k / top-p re-reads it in its threshold searches, as ``rectified_next_token``
-does with any ``z`` and ``f``). What the scratch buys is
+heads are 2 x 525 MB; the scratch is ``2 * B * V * 4`` bytes, 1 MB per row, written once and read once by a
+greedy choice: 0.2% of the weights' bytes at B=1, 12% at B=64 (sampling with top-k / top-p re-reads it in its
+threshold searches, as ``rectified_next_token`` does with any ``z`` and ``f``). What the scratch buys is
 parallelism: the products are split over ~1000 vocabulary blocks (hundreds of programs even at B=1, so
 every SM streams weights), and each weight byte is read exactly once per call, whereas a kernel that picks
 the token without writing ``z`` and ``f`` must reduce over the whole vocabulary inside one program per row
@@ -41,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..rectified_next_token.triton_impl import rectified_next_token_triton
+from ..rectified_next_token.triton_split import softmax_partials_buffers
 
 
 @triton.jit
@@ -66,10 +70,10 @@ def _head_tile(x_ptr, w_ptr, rows, cols, n_rows, n_cols, K, sx0, sx1, sw0, sw1,
 
 @triton.jit
 def _decode_head_products_kernel(
-    h_ptr, w_ptr, zb_ptr, g_ptr, a_ptr, fb_ptr, z_ptr, f_ptr,
+    h_ptr, w_ptr, zb_ptr, g_ptr, a_ptr, fb_ptr, z_ptr, f_ptr, pm_ptr, ps_ptr, pa_ptr,
     B, V, D, C, s_h0, s_h1, s_w0, s_w1, s_g0, s_g1, s_a0, s_a1, softcap,
     HAS_Z_BIAS: tl.constexpr, HAS_F_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, Z_NATIVE: tl.constexpr,
-    F_NATIVE: tl.constexpr,
+    F_NATIVE: tl.constexpr, WRITE_STATS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -89,6 +93,16 @@ def _decode_head_products_kernel(
     if SOFTCAP:  # softcap * tanh(z / softcap), written with exp (tanh = 2 / (1 + exp(-2t)) - 1)
         z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * (z / softcap))) - 1.0)
     tl.store(z_ptr + out, z, mask=out_ok)
+    if WRITE_STATS:  # this block's softmax partials of z, per row: the sampler then skips its pass over z
+        zm = tl.where(out_ok, z, float("-inf"))
+        m = tl.max(zm, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        n_vb = tl.cdiv(V, BLOCK_V)
+        part = rows.to(tl.int64) * n_vb + pid_v
+        row_ok = rows < B
+        tl.store(pm_ptr + part, m, mask=row_ok)
+        tl.store(ps_ptr + part, tl.sum(tl.exp(zm - m_safe[:, None]), axis=1), mask=row_ok)
+        tl.store(pa_ptr + part, pid_v.to(tl.int64) * BLOCK_V + tl.argmax(zm, axis=1).to(tl.int64), mask=row_ok)
 
     f = _head_tile(g_ptr, a_ptr, rows, cols, B, V, C, s_g0, s_g1, s_a0, s_a1, BLOCK_B, BLOCK_V, BLOCK_K,
                    F_NATIVE)
@@ -142,9 +156,13 @@ def _native(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias=None,
-                                softcap=None, *, lm_head_bias=None,
-                                config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z, f)``, both [B, V] fp32 (the scratch), from validated inputs in one launch (``config``: tests)."""
+                                softcap=None, *, lm_head_bias=None, config: dict | None = None,
+                                with_stats: bool = False):
+    """``(z, f)``, both [B, V] fp32 (the scratch), from validated inputs in one launch (``config``: tests).
+
+    ``with_stats``: also return ``z``'s softmax partials per vocabulary block, ``(max, sum exp(z - max), argmax)``
+    [B, ceil(V / BLOCK_V)] each, as a third item (what ``rectified_next_token_triton(row_stats=)`` takes).
+    """
     bsz, d = pilot_hidden.shape
     vocab, c = lm_head.shape[0], copilot_hidden.shape[1]
     device = pilot_hidden.device
@@ -154,28 +172,32 @@ def decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out
     z_native, f_native = _native(h, w), _native(g, a)
     elt = max(t.element_size() for t in (h, w, g, a))
     cfg = dict(config) if config is not None else _config(device, bsz, z_native and f_native, elt)
-    grid = (triton.cdiv(bsz, cfg["BLOCK_B"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
+    n_vb = triton.cdiv(vocab, cfg["BLOCK_V"])
+    grid = (triton.cdiv(bsz, cfg["BLOCK_B"]) * n_vb,)
+    stats = softmax_partials_buffers(bsz, n_vb, device) if with_stats else (z, z, z)  # unread without stats
     # [V] each, negligible next to the weights; z stands in (unread) for an absent bias
     zb = lm_head_bias.contiguous() if lm_head_bias is not None else z
     fb = error_out_bias.contiguous() if error_out_bias is not None else z
     # Triton launches on the current CUDA device: make it the inputs' one
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         _decode_head_products_kernel[grid](
-            h, w, zb, g, a, fb, z, f, bsz, vocab, d, c, *h.stride(), *w.stride(), *g.stride(), *a.stride(),
+            h, w, zb, g, a, fb, z, f, *stats, bsz, vocab, d, c, *h.stride(), *w.stride(), *g.stride(), *a.stride(),
             float(softcap or 1.0), HAS_Z_BIAS=lm_head_bias is not None, HAS_F_BIAS=error_out_bias is not None,
-            SOFTCAP=bool(softcap), Z_NATIVE=z_native, F_NATIVE=f_native, **cfg,
+            SOFTCAP=bool(softcap), Z_NATIVE=z_native, F_NATIVE=f_native, WRITE_STATS=with_stats, **cfg,
         )
-    return z, f
+    return (z, f, stats) if with_stats else (z, f)
 
 
 def rectified_decode_head_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, *, lam,
                                  fusion, temperature, top_k, top_p, generator, softcap, lm_head_bias=None):
     """[B] int64 on validated inputs; ``lam`` is a float or a [B] (or 0-d) tensor."""
-    z, f = decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias,
-                                       softcap, lm_head_bias=lm_head_bias)
+    probs = fusion == "probs"
+    z, f, *stats = decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight,
+                                               error_out_bias, softcap, lm_head_bias=lm_head_bias, with_stats=probs)
     # api.rectified_decode_head has validated every option (lam's values included): no second host sync
     return rectified_next_token_triton(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, generator=generator, validate=False)
+                                       top_p=top_p, generator=generator, validate=False,
+                                       row_stats=stats[0] if probs else None)
 
 
 __all__ = ["decode_head_products_triton", "rectified_decode_head_triton"]

@@ -1,6 +1,9 @@
 """Triton ``rectified_next_token`` (semantics: ``api.rectified_next_token``; oracle: ``reference.py``).
 
-One program per row walks the vocabulary in tiles, several times, inside a single launch, with no host
+Two kernel families. Rows that need no threshold search (greedy, or sampling without top-k / top-p) run the
+split-row kernels of ``triton_split.py``: many programs per row, so a batch-1 decode step reads ``z`` and ``f``
+on every SM. Rows with a filter run the kernel of this file, which needs the whole row in one place for its
+searches: one program per row walks the vocabulary in tiles, several times, inside a single launch, with no host
 sync. No pass writes anything of size V: every pass re-reads the Pilot logits ``z`` and the Copilot output
 ``f`` and recomputes each token's weight from a handful of per-row scalars. Nothing is sorted.
 
@@ -63,6 +66,8 @@ from contextlib import nullcontext
 import torch
 import triton
 import triton.language as tl
+
+from .triton_split import row_softmax_stats, split_rows_next_token
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -195,8 +200,9 @@ def _search(
 @triton.jit
 def _rectified_next_token_kernel(
     z_ptr, f_ptr, u_ptr, seed_ptr, out_ptr, passes_ptr, lam_ptr, temp_ptr, topk_ptr, topp_ptr,
-    V, stride_z, stride_f, stride_u,
+    pm_ptr, ps_ptr, pa_ptr, V, stride_z, stride_f, stride_u, P,
     FUSION_PROBS: tl.constexpr, SAMPLE: tl.constexpr, PHILOX: tl.constexpr, SEED_PER_ROW: tl.constexpr,
+    HAS_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr, N_VALUE: tl.constexpr,
     MAX_PASSES: tl.constexpr, WRITE_PASSES: tl.constexpr,
 ):  # fmt: skip
@@ -206,11 +212,14 @@ def _rectified_next_token_kernel(
     lam = tl.load(lam_ptr + row).to(tl.float32)
     cols = tl.arange(0, BLOCK_V)
 
-    # ---- pass A (probs fusion): softmax statistics of z and argmax z (the fallback token)
+    # ---- pass A (probs fusion): softmax statistics of z and argmax z (the fallback token), or their fold
+    # from per-block partials that the decode head wrote with z (HAS_STATS: no pass over V)
     m_z = tl.full([], 0.0, tl.float32)
     s_z = tl.full([], 1.0, tl.float32)
     arg_z = tl.full([], 0, tl.int64)
-    if FUSION_PROBS:
+    if FUSION_PROBS and HAS_STATS:
+        m_z, s_z, arg_z = row_softmax_stats(pm_ptr + row * P, ps_ptr + row * P, pa_ptr + row * P, P, BLOCK_P)
+    elif FUSION_PROBS:
         m_z = tl.full([], float("-inf"), tl.float32)
         s_z = tl.full([], 0.0, tl.float32)
         for start in range(0, V, BLOCK_V):
@@ -367,6 +376,8 @@ def rectified_next_token_triton(
     seed: int | torch.Tensor | None = None,
     validate: bool = True,
     return_search_passes: bool = False,
+    split: bool | None = None,
+    row_stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton next token [B] int64 (semantics: ``api.rectified_next_token``; inputs validated there).
 
@@ -384,6 +395,14 @@ def rectified_next_token_triton(
 
     ``return_search_passes=True`` (diagnostics, benchmarks) also returns a [B, 2] int32 tensor: the
     counting passes the top-k and the top-p threshold searches took for each row (0 = filter off).
+
+    Kernels. A call whose rows need no threshold search (greedy, or sampling with top-k and top-p off, known
+    from Python numbers: a ``top_k`` / ``top_p`` tensor counts as a filter) runs the split-row kernels of
+    ``triton_split.py`` (many programs per row); any other call runs the one-program-per-row kernel above.
+    ``split`` (benchmarks, tests) forces the choice: ``False`` always takes the one-program kernel, ``True``
+    the split one (a ``ValueError`` for a call that needs a search). ``row_stats`` (``rectified_decode_head``):
+    per-block ``(max, sum exp, argmax)`` partials of ``z``, [B, P] each, that replace the pass computing them
+    (``fusion="probs"``).
     """
     if pilot_logits.dim() != 2 or copilot_out.shape != pilot_logits.shape:
         raise ValueError(
@@ -402,6 +421,11 @@ def rectified_next_token_triton(
         _check_row_values(lam, temperature, top_k, top_p)
 
     sample = isinstance(temperature, torch.Tensor) or float(temperature) > 0.0
+    filtered = sample and (isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor)
+                           or 0 < int(top_k) < vocab or float(top_p) < 1.0)
+    if split and filtered:
+        raise ValueError("split: the split-row kernels need top_k and top_p off (numbers), got a filter")
+    use_split = not filtered if split is None else split
     lam_t = _per_row("lam", lam, batch, device, torch.float32)
     temp_t = _per_row("temperature", temperature, batch, device, torch.float32)
     # any k >= V means off: clamp before the int32 cast
@@ -440,15 +464,26 @@ def rectified_next_token_triton(
     passes = torch.zeros((batch, 2), dtype=torch.int32, device=device) if return_search_passes else out
     if batch == 0:
         return (out, passes) if return_search_passes else out
+    fusion_probs = fusion == "probs"
+    has_stats = row_stats is not None and fusion_probs
+    ctx = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    if use_split:
+        with ctx:
+            split_rows_next_token(z, f, u, seeds, lam_t, temp_t, out, fusion_probs=fusion_probs, sample=sample,
+                                  philox=philox, seed_per_row=seed_per_row, stride_u=stride_u,
+                                  row_stats=row_stats if has_stats else None)
+        return (out, passes) if return_search_passes else out
     block_v, block_s, num_warps = _INTERP_CFG if _interpreting() else _GPU_CFG
     block_v = min(block_v, triton.next_power_of_2(vocab))
     block_s = min(block_s, max(16, triton.next_power_of_2(vocab)))
-    ctx = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    stats = tuple(t.contiguous() for t in row_stats) if has_stats else (out, out, out)  # unread without stats
+    parts = stats[0].shape[1] if has_stats else 1
     with ctx:
         _rectified_next_token_kernel[(batch,)](
-            z, f, u, seeds, out, passes, lam_t, temp_t, topk_t, topp_t,
-            vocab, z.stride(0), f.stride(0), stride_u,
-            FUSION_PROBS=fusion == "probs", SAMPLE=sample, PHILOX=philox, SEED_PER_ROW=seed_per_row,
+            z, f, u, seeds, out, passes, lam_t, temp_t, topk_t, topp_t, *stats,
+            vocab, z.stride(0), f.stride(0), stride_u, parts,
+            FUSION_PROBS=fusion_probs, SAMPLE=sample, PHILOX=philox, SEED_PER_ROW=seed_per_row,
+            HAS_STATS=has_stats, BLOCK_P=min(1024, triton.next_power_of_2(parts)),
             BLOCK_V=block_v, BLOCK_S=block_s, NPIV=_NPIV, N_VALUE=_N_VALUE_PIVOTS,
             MAX_PASSES=_MAX_SEARCH_PASSES, WRITE_PASSES=return_search_passes, num_warps=num_warps,
         )  # fmt: skip
