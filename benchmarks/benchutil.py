@@ -27,8 +27,8 @@ Environment variables:
 ``TCOPILOT_BENCH_ROUNDS`` / ``TCOPILOT_BENCH_WARMUP``: fix the timed and warm-up rounds (otherwise slow
                           cases get fewer rounds, down to 3, so each takes about ``TCOPILOT_BENCH_TARGET_S``:
                           1 s on GPU, 0.3 s on CPU).
-``TCOPILOT_PROFILE``      ``1``: after timing, run one more step under ``torch.profiler`` and write a Chrome
-                          trace and a per-kernel table to the results folder.
+``TCOPILOT_PROFILE``      ``1`` (or pytest's ``--profile``): after timing, run one more step under
+                          ``torch.profiler`` and write a Chrome trace and a per-kernel table to the results folder.
 ``TCOPILOT_RESULTS_DIR``  where profiles go (default ``benchmarks/results``).
 """
 

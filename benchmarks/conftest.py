@@ -5,6 +5,7 @@
 * Registers the ``bench_late`` marker and moves those cases (``torch.compile``, FlexAttention: long first
   calls) after all others, so a time-limited GPU run (``gpu_check.sh``) loses them first.
 * Prints the device, versions and scope in the session header.
+* ``--profile``: the kernel-profile mode, the same as ``TCOPILOT_PROFILE=1`` (``benchutil.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import benchutil` f
 import benchutil  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--profile", action="store_true", default=False,
+        help="tcopilot benchmarks: after timing each case, run one more step under torch.profiler and write a "
+             "Chrome trace and a per-kernel table to the results folder (same as TCOPILOT_PROFILE=1)",
+    )  # fmt: skip
+
+
 def pytest_configure(config):
+    if config.getoption("--profile", default=False):
+        benchutil.PROFILE = True
     config.addinivalue_line(
         "markers", "bench_late: benchmark case with a long first call (compilation); runs after the others"
     )

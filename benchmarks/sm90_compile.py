@@ -404,8 +404,9 @@ def _rectified_next_token_split_cases() -> Iterator[Case]:
                                 CHUNK=chunk, BLOCK_P=block_p),
                 num_warps=warps, quick=label == "sample probs" and dname == "bf16",
             )  # fmt: skip
-            if dname != "fp32":
-                continue  # the combine reads only the fp32 / int64 partials
+            if dname != "fp32" or philox or (head and not sample):
+                continue  # the combine reads fp32 / int64 partials only, draws nothing, and folds the head's
+                # partials only for a sampling row's fallback: these variants compile to the PTX of another
             args = dict(out_ptr=i64, temp_ptr=f32, **stat, gb_ptr=f32, ga_ptr=i64, **race, V=_RNT_V, P=parts, S=tiles)
             yield Case(
                 kernel="rectified_next_token_split", fn=rs._combine_kernel, dtype="fp32",
