@@ -122,7 +122,7 @@ def _decode_head_products_kernel(
 #   read by one program only (M=64 also gets Hopper's wgmma). Beyond, the row blocks of a vocabulary block run
 #   side by side (launch order) and share the weight tile through L2; B=128 is then a small GEMM.
 # * BLOCK_K 64 and 4 warps (8 at BLOCK_B=64: 255 registers and spills with 4, 144 with 8, bias + soft-cap; 153 with
-#   the Pilot's bias too, no spills).
+#   the Pilot's bias too, no spills; the softmax partials of fusion="probs" add 20-35: 164 and 188, no spills).
 #   num_stages: as many pipelined K slices (at most 4) as fit in ~96 KiB of shared memory (16-bit weights:
 #   3-4 stages of 18-25 KiB), within Hopper's and Ampere's limits.
 # * cast (fp32, mixed dtypes: an edge case, no tensor cores): the fp32 copies of the tiles live in registers,

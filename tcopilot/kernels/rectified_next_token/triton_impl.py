@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_split import row_softmax_stats, split_rows_next_token
+from .triton_split import fused_tile, row_softmax_stats, split_rows_next_token
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -95,22 +95,6 @@ def _interpreting() -> bool:
 
 # Helpers are few and the key arithmetic is written inline: under the interpreter every call of a
 # @triton.jit function costs milliseconds, on a GPU it is inlined anyway.
-
-
-@triton.jit
-def _fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS: tl.constexpr):
-    """One tile of the fused score (p~ = softmax(z) + lam * f, or z~ = z + lam * f) and of the log-weight
-    lw (log(max(p~, 0)), or z~), fp32; both -inf on masked lanes."""
-    z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    f = tl.load(f_row + offs, mask=mask, other=0.0).to(tl.float32)
-    if FUSION_PROBS:
-        fused = tl.where(mask, tl.exp(z - m_z) / s_z + lam * f, float("-inf"))
-        pos = fused > 0.0
-        lw = tl.where(pos, tl.log(tl.where(pos, fused, 1.0)), float("-inf"))
-    else:
-        fused = z + lam * f
-        lw = fused
-    return fused, lw
 
 
 @triton.jit
@@ -158,7 +142,7 @@ def _search(
         for start in range(0, V, BLOCK_S):
             offs = start + tl.arange(0, BLOCK_S)
             mask = offs < V
-            _, lw = _fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
+            _, lw = fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
             w = tl.where(mask, tl.maximum((lw - M) / T, -3.4028234663852886e38), float("-inf"))
             ge = w[:, None] >= piv[None, :]
             if IS_TOP_P:
@@ -245,7 +229,7 @@ def _rectified_next_token_kernel(
     n_fin = tl.full([], 0, tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        fused, lw = _fused_tile(z_row, f_row, offs, offs < V, lam, m_z, s_z, FUSION_PROBS)
+        fused, lw = fused_tile(z_row, f_row, offs, offs < V, lam, m_z, s_z, FUSION_PROBS)
         t_max = tl.max(fused)
         arg = tl.where(t_max > best, start + tl.argmax(fused, axis=0), arg)
         best = tl.maximum(best, t_max)
@@ -299,7 +283,7 @@ def _rectified_next_token_kernel(
                 for start in range(0, V, BLOCK_V):
                     offs = start + cols
                     mask = offs < V
-                    _, lw = _fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
+                    _, lw = fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
                     w = tl.maximum((lw - M) / T, -3.4028234663852886e38)
                     if PHILOX:
                         r0, _, _, _ = tl.philox(seed, offs, ctr, zero, zero)

@@ -66,6 +66,22 @@ def chunk_size() -> int:
 
 
 @triton.jit
+def fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS: tl.constexpr):
+    """One tile of the fused score (p~ = softmax(z) + lam * f, or z~ = z + lam * f) and of the log-weight
+    lw (log(max(p~, 0)), or z~), fp32; both -inf on masked lanes. Shared with ``triton_impl.py``'s kernel."""
+    z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    f = tl.load(f_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if FUSION_PROBS:
+        fused = tl.where(mask, tl.exp(z - m_z) / s_z + lam * f, float("-inf"))
+        pos = fused > 0.0
+        lw = tl.where(pos, tl.log(tl.where(pos, fused, 1.0)), float("-inf"))
+    else:
+        fused = z + lam * f
+        lw = fused
+    return fused, lw
+
+
+@triton.jit
 def row_softmax_stats(pm_row, ps_row, pa_row, P, BLOCK_P: tl.constexpr):
     """A row's ``max z``, ``sum exp(z - max z)`` and ``argmax z`` (lowest id on ties) from its ``P`` partials
     (per block: the block's max, its sum of ``exp(z - block max)`` and its argmax; -inf / 0 for empty blocks).
@@ -125,15 +141,7 @@ def _choice_partials_kernel(
         # a name once per scope)
         m_z, s_z, _arg_z = row_softmax_stats(pm_ptr + row * P, ps_ptr + row * P, pa_ptr + row * P, P, BLOCK_P)
 
-    z = tl.load(z_ptr + row * stride_z + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    f = tl.load(f_ptr + row * stride_f + offs, mask=mask, other=0.0).to(tl.float32)
-    if FUSION_PROBS:
-        fused = tl.where(mask, tl.exp(z - m_z) / s_z + lam * f, float("-inf"))
-        pos = fused > 0.0
-        lw = tl.where(pos, tl.log(tl.where(pos, fused, 1.0)), float("-inf"))
-    else:
-        fused = z + lam * f
-        lw = fused
+    fused, lw = fused_tile(z_ptr + row * stride_z, f_ptr + row * stride_f, offs, mask, lam, m_z, s_z, FUSION_PROBS)
     out = row * S + tile
     tl.store(gb_ptr + out, tl.max(fused))
     tl.store(ga_ptr + out, start + tl.argmax(fused, axis=0).to(tl.int64))
@@ -274,4 +282,4 @@ def split_rows_next_token(z, f, u, seeds, lam_t, temp_t, out, *, fusion_probs: b
     return out
 
 
-__all__ = ["chunk_size", "row_softmax_stats", "softmax_partials_buffers", "split_rows_next_token"]
+__all__ = ["chunk_size", "fused_tile", "row_softmax_stats", "softmax_partials_buffers", "split_rows_next_token"]
