@@ -119,7 +119,8 @@ def test_torch_matches_reference_fp64(opt, reduction):
 
 def test_num_items_in_batch_fp64():
     case = make_case(37, 63, 997)
-    for num_items in (100, 7.5, torch.tensor(64)):
+    # 29.17 and 2**24 + 1 have no exact float32: they must reach the fp64 division unrounded
+    for num_items in (100, 7.5, 29.17, 16777217.0, torch.tensor(64)):
         got, g_got = run(
             lambda *a, **k: logit_capture_torch(*a, chunk_size=8, **k), case, num_items_in_batch=num_items
         )

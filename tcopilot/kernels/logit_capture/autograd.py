@@ -64,7 +64,9 @@ def mean_denom(num_items_in_batch, reduction: str, hidden: torch.Tensor) -> torc
     launcher then counts the rows)."""
     if num_items_in_batch is None or reduction != "mean":
         return None
-    return torch.as_tensor(num_items_in_batch, device=hidden.device).to(acc_dtype(hidden.dtype)).reshape(())
+    # dtype= in as_tensor itself: a Python float would otherwise become a float32 tensor first (fp64 inputs then
+    # divide by a rounded count, e.g. 16777217.0 -> 16777216)
+    return torch.as_tensor(num_items_in_batch, dtype=acc_dtype(hidden.dtype), device=hidden.device).reshape(())
 
 
 def reduce_rows(row, counted, token_weights, denom, reduction):
