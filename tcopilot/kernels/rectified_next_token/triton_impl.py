@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_split import fused_tile, row_softmax_stats, split_rows_next_token
+from .triton_split import fused_tile, philox_uniforms, row_softmax_stats, split_rows_next_token
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -272,13 +272,6 @@ def _rectified_next_token_kernel(
 
                 # ---- pass D: Gumbel-max race among the kept tokens. log(q_final) differs from w by the
                 # row constant log(sum of kept exp(w)), which the argmax ignores.
-                if PHILOX:
-                    seed = tl.load(seed_ptr + row)
-                    zero = tl.zeros([BLOCK_V], dtype=tl.int32)
-                    if SEED_PER_ROW:
-                        ctr = zero
-                    else:
-                        ctr = zero + row.to(tl.int32)
                 best = tl.full([], float("-inf"), tl.float32)
                 for start in range(0, V, BLOCK_V):
                     offs = start + cols
@@ -286,8 +279,7 @@ def _rectified_next_token_kernel(
                     _, lw = fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
                     w = tl.maximum((lw - M) / T, -3.4028234663852886e38)
                     if PHILOX:
-                        r0, _, _, _ = tl.philox(seed, offs, ctr, zero, zero)
-                        u = tl.uint_to_uniform_float(r0)
+                        u = philox_uniforms(seed_ptr, row, offs, SEED_PER_ROW)
                     else:
                         u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.5)
                     u = tl.maximum(u, 1.1754943508222875e-38)

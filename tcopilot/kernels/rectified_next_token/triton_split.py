@@ -82,6 +82,21 @@ def fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS: tl.constex
 
 
 @triton.jit
+def philox_uniforms(seed_ptr, row, offs, SEED_PER_ROW: tl.constexpr):
+    """In-kernel uniforms in [0, 1) for the token ids ``offs`` (int32) of ``row``: Philox with key = the row's seed
+    and counter = (token id, row), or (token id, 0) with per-row seeds. Shared by both kernels, so the same
+    (seed, row, id) gives the same u whichever kernel draws it."""
+    seed = tl.load(seed_ptr + row)
+    zero = tl.zeros_like(offs)
+    if SEED_PER_ROW:
+        ctr = zero
+    else:
+        ctr = zero + row.to(tl.int32)
+    r0, _r1, _r2, _r3 = tl.philox(seed, offs, ctr, zero, zero)
+    return tl.uint_to_uniform_float(r0)
+
+
+@triton.jit
 def row_softmax_stats(pm_row, ps_row, pa_row, P, BLOCK_P: tl.constexpr):
     """A row's ``max z``, ``sum exp(z - max z)`` and ``argmax z`` (lowest id on ties) from its ``P`` partials
     (per block: the block's max, its sum of ``exp(z - block max)`` and its argmax; -inf / 0 for empty blocks).
@@ -153,15 +168,8 @@ def _choice_partials_kernel(
         r_arg = tl.full([], 0, tl.int64) + start
         if T > 0.0:  # a greedy row of a per-row temperature tensor draws nothing here
             m_t = tl.max(lw)
-            if PHILOX:  # the counters of the one-program kernel: the same u for the same (seed, row, id)
-                seed = tl.load(seed_ptr + row)
-                zero = tl.zeros([CHUNK], dtype=tl.int32)
-                if SEED_PER_ROW:
-                    ctr = zero
-                else:
-                    ctr = zero + row.to(tl.int32)
-                r0, _r1, _r2, _r3 = tl.philox(seed, offs, ctr, zero, zero)
-                u = tl.uint_to_uniform_float(r0)
+            if PHILOX:
+                u = philox_uniforms(seed_ptr, row, offs, SEED_PER_ROW)
             else:
                 u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.5)
             u = tl.maximum(u, 1.1754943508222875e-38)
@@ -282,4 +290,7 @@ def split_rows_next_token(z, f, u, seeds, lam_t, temp_t, out, *, fusion_probs: b
     return out
 
 
-__all__ = ["chunk_size", "fused_tile", "row_softmax_stats", "softmax_partials_buffers", "split_rows_next_token"]
+__all__ = [
+    "chunk_size", "fused_tile", "philox_uniforms", "row_softmax_stats", "softmax_partials_buffers",
+    "split_rows_next_token",
+]
