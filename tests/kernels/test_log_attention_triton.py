@@ -165,6 +165,24 @@ def test_cross_unsorted_positions_lq_ne_lk():
     _check(q, k, v, do, qp, kp, scale=0.3)
 
 
+def test_positions_past_int32():
+    # Absolute positions of a long stream: int64 values past 2**31 (the kernels compare int32, so each row
+    # is shifted by its smallest valid key position), a row with padding and a query before every key,
+    # and int32 positions at the very top of their range (no clamp may merge 2**31 - 2 with 2**31 - 1).
+    base = 2**31 + 3
+    kp = torch.stack([torch.arange(base, base + 40), torch.arange(40) - 5])
+    qp = torch.stack([torch.arange(base + 5, base + 29), torch.arange(-3, 21)])
+    qp[0, 0] = base - 1  # before every key of its row: sees nothing
+    q, k, v, do = _inputs(2, 2, 1, 24, 40, 16, 16, seed=11)
+    got = _check(q, k, v, do, qp, kp)
+    assert (got[0][0, :, 0] == 0).all()
+    top = 2**31 - 1
+    kp32 = torch.tensor([[top - 3, top - 2, top - 1, top, 5, -1, 0, top - 2]], dtype=torch.int32)
+    qp32 = torch.tensor([[top - 2, top - 1, top, 4, -7, top - 3]], dtype=torch.int32)
+    q, k, v, do = _inputs(1, 1, 1, 6, 8, 16, 16, seed=12)
+    _check(q, k, v, do, qp32, kp32)
+
+
 def test_non_power_of_two_head_dims():
     q, k, v, do = _inputs(1, 2, 1, 20, 20, 24, 40, seed=4)
     _check(q, k, v, do, _ar(20), _ar(20))

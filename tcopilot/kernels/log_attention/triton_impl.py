@@ -46,6 +46,7 @@ from torch.autograd.function import once_differentiable
 
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 _MAX_HEAD_DIM = 256
 
 # A query block of at most this many packed rows (Hq/Hk heads x Lq queries) takes the split-K decode path.
@@ -894,10 +895,27 @@ class LogAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _positions_int32(pos: torch.Tensor) -> torch.Tensor:
-    # The kernels compare int32 positions. Clamping keeps the meaning of any int64 value: every negative
-    # is padding (-1), and positions past int32 stay ordered above everything a real log holds.
-    return pos.to(torch.int64).clamp(-1, _INT32_MAX - 1).to(torch.int32).contiguous()
+def _positions_int32(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions as the int32 the kernels compare, with the same visibility ``0 <= k <= q``.
+
+    Positions of 32 bits or fewer pass unchanged. int64 positions (the default dtype of ``arange``) may lie
+    past 2**31 (a long-running stream's absolute positions), so each batch row is shifted by the smallest
+    of its valid key positions ``r``: valid keys map to ``k - r >= 0``, padding keys to -1, a query to
+    ``q - r`` when it is at least ``r`` and to -1 otherwise (it sees no key either way). Differences are
+    what visibility depends on, so this is exact whenever the valid keys of a row span fewer than 2**31 - 1
+    positions (any log with a key per position does: its span is below its length). Larger spans are
+    clamped at the top: keys and queries past ``r + 2**31 - 2`` compare as equal. No host sync.
+    """
+    if q_pos.dtype != torch.int64 and k_pos.dtype != torch.int64:
+        return q_pos.to(torch.int32).contiguous(), k_pos.to(torch.int32).contiguous()
+    q, k = q_pos.to(torch.int64), k_pos.to(torch.int64)
+    valid = k >= 0
+    r = torch.where(valid, k, _INT64_MAX).amin(1, keepdim=True) if k.shape[1] else k.new_zeros(k.shape[0], 1)
+    r = torch.where(r == _INT64_MAX, 0, r)  # a row with no valid key: nothing to shift
+    top = _INT32_MAX - 1
+    k32 = torch.where(valid, (k - r).clamp_max(top), -1)
+    q32 = torch.where(q >= r, (q - r).clamp_max(top), -1)
+    return q32.to(torch.int32).contiguous(), k32.to(torch.int32).contiguous()
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -926,7 +944,7 @@ def log_attention_triton(
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_row_offsets(name, t)
-    q_pos32, k_pos32 = _positions_int32(q_pos), _positions_int32(k_pos)
+    q_pos32, k_pos32 = _positions_int32(q_pos, k_pos)
     out_dtype = q.dtype
     # Routed on the caller's dtype: the interpreter's fp32 stand-in for bf16 (below) takes bf16's path.
     key_dim = max(_pow2_dim(q.shape[-1]), _pow2_dim(v.shape[-1]))
