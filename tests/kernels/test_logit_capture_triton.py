@@ -159,6 +159,15 @@ def test_fp64_all_options_exact():
     _assert_grads(g, gr, rtol=1e-12, atol=1e-12)
 
 
+def test_fp32_large_softcap_keeps_fp32_accuracy():
+    """A cap far above the logits: cap * tanh(z / cap) ~ z must keep z's fp32 accuracy. The textbook
+    (1 - t) / (1 + t) form erred by ~cap * 3e-8 on every logit (3e-4 here), far outside this tolerance."""
+    h, w, y, v, tw, gl, gpv = _inputs(13, 63, 257, 5, torch.float32, ignore=(5,))
+    cap, ref, g, gr = _run_pair(h, w, y, v, tw, gl, gpv, reduction="mean", softcap=1e4, topk=3)
+    _assert_fields(cap, ref, rtol=1e-5, atol=1e-5)
+    _assert_grads(g, gr, rtol=1e-5, atol=1e-5)
+
+
 def test_single_row_vocab_1000_default_chunking():
     """N=1, V=1000, d=63 with the automatic chunk plan and launch defaults."""
     h, w, y, v, tw, gl, gpv = _inputs(1, 63, 1000, 3, torch.float32)

@@ -47,6 +47,16 @@ def test_greedy_no_bias_small_tiles_and_ties(impl):
     assert torch.equal(out, rectified_decode_head_reference(h, w, gc, a, None, fusion="logits"))
 
 
+def test_products_large_softcap_keep_fp32_accuracy():
+    # cap * tanh(z / cap) with a cap far above z is ~z: the head must keep z's fp32 accuracy there (the
+    # 2 / (1 + exp(-2x)) - 1 form it had lost ~cap * 6e-8 on every logit: 6e-4 at this cap).
+    args = _inputs(V=300)
+    z, _ = decode_head_products_triton(*args, softcap=1e4)
+    h, w = args[0].double(), args[1].double()
+    want = 1e4 * torch.tanh((h @ w.T) / 1e4)
+    torch.testing.assert_close(z.double(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_torch_path_tiles_over_v():
     from tcopilot.kernels.rectified_decode_head.torch_impl import rectified_decode_head_torch
 

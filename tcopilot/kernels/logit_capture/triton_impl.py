@@ -111,6 +111,7 @@ import triton
 import triton.language as tl
 
 # _acc_dtype: the launch code's name for it, also imported by name by benchmarks/sm90_compile.py.
+from .._triton_math import softcap as softcap_tanh
 from .autograd import acc_dtype as _acc_dtype
 from .autograd import capture_methods, mean_denom, reduce_rows, row_grads
 from .capture import Capture
@@ -157,16 +158,6 @@ class CaptureTuning:
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _softcap(z, cap):
-    # cap * tanh(z / cap) through exp(-2|x|) <= 1: never overflows, and needs no libdevice tanh, which the
-    # interpreter and older Triton versions lack. z = -inf (masked lanes) gives -cap; callers re-mask.
-    x = z / cap
-    t = tl.exp(-2.0 * tl.abs(x))
-    th = (1.0 - t) / (1.0 + t)
-    return cap * tl.where(x >= 0, th, -th)
 
 
 @triton.jit
@@ -242,7 +233,7 @@ def _logit_capture_fwd_kernel(
         mask = row_ok[:, None] & (c < V)[None, :]
         z = tl.load(l_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_ty)
         if HAS_SOFTCAP:
-            z = _softcap(z, cap)
+            z = softcap_tanh(z, cap)
         if HAS_SMOOTHING:
             sz += tl.sum(tl.where(mask, z, 0.0), axis=1)
         # Padded lanes must not enter the normaliser (a capped pad would otherwise count as -cap).
@@ -280,7 +271,7 @@ def _logit_capture_fwd_kernel(
     # The target logit is gathered directly (one element per row), before a second sweep overwrites it.
     z_y = tl.load(l_rows + y, mask=counted, other=0.0).to(acc_ty)
     if HAS_SOFTCAP:
-        z_y = _softcap(z_y, cap)
+        z_y = softcap_tanh(z_y, cap)
     p_t = tl.where(counted, tl.exp(z_y - lse), 0.0)
     loss = lse - z_y
     if HAS_SMOOTHING:
@@ -313,7 +304,7 @@ def _logit_capture_fwd_kernel(
             mask = row_ok[:, None] & (c < V)[None, :]
             z = tl.load(l_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_ty)
             if HAS_SOFTCAP:
-                z = _softcap(z, cap)
+                z = softcap_tanh(z, cap)
             p = tl.exp(z - lse[:, None])
             tl.store(p_rows[:, None] + c[None, :], p.to(p_ptr.dtype.element_ty), mask=mask)
 
@@ -352,7 +343,7 @@ def _logit_capture_bwd_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     cap = tl.load(params_ptr)
     if HAS_SOFTCAP:
-        z = _softcap(z, cap)
+        z = softcap_tanh(z, cap)
     # lse is known from the forward: p needs no reduction, every tile is independent.
     p = tl.exp(z - lse[:, None])
     if WRITE_P:

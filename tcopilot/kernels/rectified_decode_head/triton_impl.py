@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_math import softcap as softcap_tanh
 from ..rectified_next_token.triton_impl import rectified_next_token_triton
 from ..rectified_next_token.triton_split import softmax_partials_buffers
 
@@ -90,8 +91,8 @@ def _decode_head_products_kernel(
                    Z_NATIVE)
     if HAS_Z_BIAS:  # the Pilot's LM-head bias, before the soft-cap (as the head's output is capped)
         z += tl.load(zb_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-    if SOFTCAP:  # softcap * tanh(z / softcap), written with exp (tanh = 2 / (1 + exp(-2t)) - 1)
-        z = softcap * (2.0 / (1.0 + tl.exp(-2.0 * (z / softcap))) - 1.0)
+    if SOFTCAP:  # softcap * tanh(z / softcap)
+        z = softcap_tanh(z, softcap)
     tl.store(z_ptr + out, z, mask=out_ok)
     if WRITE_STATS:  # this block's softmax partials of z, per row: the sampler then skips its pass over z
         zm = tl.where(out_ok, z, float("-inf"))
