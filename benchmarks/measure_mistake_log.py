@@ -29,7 +29,14 @@ from tcopilot.data.tokenizer import WordTokenizer
 from tcopilot.evaluate import evaluate_accuracy
 from tcopilot.experiment import ExperimentConfig, build_pilot
 from tcopilot.mistake_log import MistakeLog, log_bytes_per_token, naive_bytes_per_token
-from tcopilot.pilot import TransformerCopilot, pilot_states, positions_from_mask, run_base, shift_labels
+from tcopilot.pilot import (
+    TransformerCopilot,
+    lm_head_operands,
+    pilot_states,
+    positions_from_mask,
+    run_base,
+    shift_labels,
+)
 from tcopilot.replay import replay_copilot_loss
 from tcopilot.train import TrainConfig, Trainer
 
@@ -97,13 +104,18 @@ def topk_errors(model, tok, test_examples, ks=(8, 32, 128)) -> list[str]:
             with pilot_states(model.pilot):
                 hidden, _ = run_base(model.pilot.base_model, ids, mask, pos.clamp(min=0))
             tgt = shift_labels(labels).reshape(-1)
-            cap = logit_capture(hidden.reshape(-1, hidden.shape[-1]), model.pilot.get_output_embeddings().weight,
-                                tgt, topk=min(k, vocab))
+            # The Pilot's own head operands (its logit scale and head bias folded in), as the training step uses.
+            head_in, head_w, head_b = lm_head_operands(model.pilot.get_output_embeddings(),
+                                                       hidden.reshape(-1, hidden.shape[-1]), model.logit_scale)
+            cap = logit_capture(head_in, head_w, tgt, bias=head_b, softcap=model.softcap, topk=min(k, vocab))
             c = tgt != -100
             # Small vocabulary: materialise p in fp64 for an exact ||ell - ell^|| (the statistics-only form
             # S2 - sum_kept p^2 cancels to ~1e-7 per row in fp32).
-            z = (hidden.reshape(-1, hidden.shape[-1])[c].double()
-                 @ model.pilot.get_output_embeddings().weight.double().T)
+            z = head_in[c].double() @ head_w.double().T
+            if head_b is not None:
+                z = z + head_b.double()
+            if model.softcap is not None:
+                z = model.softcap * torch.tanh(z / model.softcap)
             p = z.softmax(1)
             ell = torch.nn.functional.one_hot(tgt[c], vocab).double() - p
             kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, cap.topk_ids[c], True)
