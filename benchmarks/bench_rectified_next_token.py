@@ -3,9 +3,14 @@
 Providers: ``naive`` (an eager sampler as generation loops write it: ``softmax(z) + lam * f``, clamp, log,
 temperature, ``topk`` mask, Hugging Face-style top-p through a full sort and ``cumsum``,
 ``torch.multinomial``), ``compile`` (``torch.compile`` of it), ``torch`` and ``triton``
-(``tcopilot.rectified_next_token(impl=...)``; greedy runs its split-row kernels, many programs per row), and in
+(``tcopilot.rectified_next_token(impl=...)``; greedy runs its split-row kernels, many programs per row), in
 greedy mode ``triton_rowwise``: the Triton one-program-per-row kernel forced (``split=False``), to measure the two
-designs side by side.
+designs side by side, and in the sampling modes ``triton_seed``: ``impl="triton"`` with ``seed=`` (Philox numbers
+made in the kernel instead of a ``torch.rand([B, V])`` drawn, written and read again).
+
+The Triton sampling rows also record ``vocab_passes``: how many times the kernel walked the vocabulary, mean
+over the batch (Pilot statistics, fused statistics, each threshold-search pass, the race), shown next to the
+provider in the report: the time over one read of the inputs is about this count.
 
 Modes: ``greedy`` (temperature 0), ``topk_topp`` (temperature 0.8, top-k 50, top-p 0.9) and ``topp``
 (temperature 1, top-p 0.9: the full-vocabulary sort path).
@@ -88,7 +93,8 @@ def _grid(cpu_shapes, gpu_shapes, modes, providers, full_only, prefix=""):
 
 def _cases():
     rowwise = _grid([], GPU_SHAPES, ["greedy"], ["triton_rowwise"], GPU_FULL_ONLY)  # Triton: GPU only anyway
-    return _grid(CPU_SHAPES, GPU_SHAPES, MODES, PROVIDERS, GPU_FULL_ONLY) + rowwise
+    seeded = _grid([], GPU_SHAPES, ["topk_topp", "topp"], ["triton_seed"], GPU_FULL_ONLY)
+    return _grid(CPU_SHAPES, GPU_SHAPES, MODES, PROVIDERS, GPU_FULL_ONLY) + rowwise + seeded
 
 
 def eager_sample(z, f, lam: float, temperature: float, top_k: int, top_p: float):
@@ -144,6 +150,9 @@ def test_rectified_next_token_speed(benchmark, shape: Shape, mode: str, provider
         from tcopilot.kernels.rectified_next_token.triton_impl import rectified_next_token_triton
 
         fn = lambda: rectified_next_token_triton(z, f, lam=LAM, split=False, **opts)  # noqa: E731
+    elif provider == "triton_seed":
+        need_triton("rectified_next_token")
+        fn = lambda: rectified_next_token(z, f, lam=LAM, seed=1234, impl="triton", **opts)  # noqa: E731
     else:
         if provider == "triton":
             need_triton("rectified_next_token")
@@ -153,7 +162,7 @@ def test_rectified_next_token_speed(benchmark, shape: Shape, mode: str, provider
     # support of the reference distribution (for the eager warpers, whose top-p boundary rule differs from
     # ours by ties, the support before top-p).
     tokens = timed_first_call(fn, provider)[0] if provider == "compile" else fn()
-    exact_support = provider in ("torch", "triton", "triton_rowwise") or mode == "greedy"
+    exact_support = provider in ("torch", "triton", "triton_rowwise", "triton_seed") or mode == "greedy"
     ref_opts = dict(opts) if exact_support else dict(opts, top_p=1.0)
     probs = rectified_probs_reference(z, f, lam=LAM, **ref_opts)
     if mode == "greedy":
@@ -164,10 +173,17 @@ def test_rectified_next_token_speed(benchmark, shape: Shape, mode: str, provider
         assert bool((picked > 0).all()), f"{provider}: sampled a token outside the reference's support"
     del probs
 
+    info = {}
+    if provider in ("triton", "triton_seed") and mode != "greedy":
+        from tcopilot.kernels.rectified_next_token.triton_impl import rectified_next_token_triton
+
+        _, passes = rectified_next_token_triton(z, f, lam=LAM, seed=1234, return_search_passes=True, **opts)
+        # probs fusion: Pilot statistics + fused statistics + the searches + the race
+        info["vocab_passes"] = round(3 + passes.sum(dim=1).float().mean().item(), 2)
     elt = torch.finfo(shape.dtype).bits // 8
     nbytes = 2 * shape.batch * shape.vocab * elt + 8 * shape.batch
     set_group(benchmark, "rectified_next_token", shape.id, shape.dtype, mode, provider,
-              batch=shape.batch, vocab=shape.vocab, **opts)
+              batch=shape.batch, vocab=shape.vocab, **opts, **info)
     run_bench(benchmark, fn, nbytes=nbytes, bound="memory", rounds=30 if ON_GPU else None)
 
 

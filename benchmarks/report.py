@@ -29,7 +29,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 OP_ORDER = ["logit_capture", "log_attention", "rectified_next_token", "e2e"]
-PROVIDER_ORDER = ["naive", "compile", "torch_lce", "liger", "cce", "sdpa", "flex", "torch", "triton_rowwise", "triton"]
+PROVIDER_ORDER = ["naive", "compile", "torch_lce", "liger", "cce", "sdpa", "flex", "torch", "triton_rowwise", "triton",
+                  "triton_seed"]
 PEERS = {"compile", "torch_lce", "liger", "cce", "sdpa", "flex"}
 OURS = ("triton", "torch")  # preference order for "our kernel" in a group
 MODE_ORDER = {"fwd": 0, "fwd_bwd": 1, "greedy": 2, "topk_topp": 3, "topp": 4, "train": 5, "decode": 6}
@@ -187,8 +188,9 @@ def op_section(op: str, groups: OrderedDict, ceilings: dict | None) -> list[str]
             iqr = r["q3"] - r["q1"] if r.get("q3") is not None and r.get("q1") is not None else None
             speed = naive / r["median"] if naive and r.get("median") else None
             peak, growth = mem_cells(r)
+            provider = r["provider"] + (f" ({r['vocab_passes']:g} passes)" if r.get("vocab_passes") else "")
             body.append([
-                shape if i == 0 else "", dtype if i == 0 else "", mode if i == 0 else "", r["provider"],
+                shape if i == 0 else "", dtype if i == 0 else "", mode if i == 0 else "", provider,
                 ms(r.get("median")), ms(iqr), fmt(speed, ".2f") + ("x" if speed else ""),
                 f"{fmt(value, '.3g')} {unit}".strip(), pct(roofline(r, ceilings)), peak, growth,
             ])

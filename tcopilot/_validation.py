@@ -69,9 +69,32 @@ def check_finite(name: str, value: float) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat, torch.SymInt)):
             raise ValueError(f"{name}: expected a finite number, got {value!r}")
         return value
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not _isfinite(value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else f"{shown[:24]}...({len(shown)} characters)"
+        raise ValueError(f"{name}: expected a finite number, got {shown}")
     return float(value)
+
+
+def _isfinite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range (10**400)
+        return False
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def check_float32_range(name: str, value: float) -> float:
+    """A finite number that the fp32 arithmetic of a kernel can hold (|value| <= 3.4e38)."""
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(
+            f"{name}: expected a number representable in float32 (|x| <= {FLOAT32_MAX:.4g}), the precision "
+            f"this op computes in; got {value!r}"
+        )
+    return value
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:

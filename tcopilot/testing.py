@@ -1,7 +1,9 @@
-"""Test helpers shipped with the package: tiny random Pilots of three families, and a naive
-(materialising) joint forward used as the oracle of ``TransformerCopilot``."""
+"""Test helpers shipped with the package: tiny random Pilots of three families, a naive (materialising)
+joint forward used as the oracle of ``TransformerCopilot``, and the chi-square check of a sampler."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -112,3 +114,35 @@ def naive_joint_losses(model: TransformerCopilot, input_ids, attention_mask, lab
     diff = ((f - ell) ** 2).sum(-1)[counted]
     copilot_loss = diff.mean().sqrt()
     return pilot_loss, copilot_loss, f, logits
+
+
+def chi2_critical(df: int, alpha: float = 1e-6) -> float:
+    """x with P(chi2_df >= x) <= alpha, from the Chernoff bound P(X >= x) <= (x/df)^(df/2) e^((df-x)/2).
+
+    The bound holds for every x > df, so the value is conservative (larger than the exact quantile):
+    with alpha = 1e-6 a correct sampler fails a test against it for fewer than one seed in a million.
+    """
+
+    def log_bound(x):
+        return 0.5 * df * math.log(x / df) + 0.5 * (df - x)
+
+    lo, hi = float(df), float(df) + 10.0
+    while log_bound(hi) > math.log(alpha):
+        hi *= 2
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if log_bound(mid) > math.log(alpha) else (lo, mid)
+    return hi
+
+
+def chi2_statistic(tokens: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of the sampled ``tokens`` [n] against the distribution ``probs`` [V], and its degrees
+    of freedom. Fails if a token of probability 0 was drawn, or a cell expects fewer than 50 draws (the
+    chi-square approximation needs well-filled cells)."""
+    tokens, probs = tokens.cpu(), probs.double().cpu()
+    observed = torch.bincount(tokens, minlength=probs.numel()).double()
+    support = probs > 0
+    assert observed[~support].sum() == 0, "sampled a token of probability 0"
+    expected = tokens.numel() * probs[support]
+    assert expected.min() >= 50, f"a cell expects {expected.min().item():.1f} < 50 draws: sample more"
+    return ((observed[support] - expected) ** 2 / expected).sum().item(), int(support.sum()) - 1

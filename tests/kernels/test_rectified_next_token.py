@@ -4,7 +4,6 @@ the sampled distribution (chi-square), the all-zero fallback and input validatio
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from tcopilot.kernels.rectified_next_token import (
     rectified_next_token_reference,
     rectified_probs_reference,
 )
+from tcopilot.testing import chi2_critical, chi2_statistic
 
 
 def _inputs(b: int, v: int, seed: int = 0, f_scale: float = 0.05):
@@ -181,37 +181,6 @@ def test_zero_uniform_draw_is_harmless(monkeypatch):
 # ------------------------------------------------------------------------------------- distribution
 
 
-def _chi2_critical(df: int, alpha: float) -> float:
-    """x with P(chi2_df >= x) <= alpha, from the Chernoff bound P(X >= x) <= (x/df)^(df/2) e^((df-x)/2).
-
-    The bound holds for every x > df, so the value is conservative (larger than the exact quantile):
-    with alpha = 1e-6 a correct sampler fails this test for fewer than one seed in a million.
-    """
-
-    def log_bound(x):
-        return 0.5 * df * math.log(x / df) + 0.5 * (df - x)
-
-    lo, hi = float(df), float(df) + 10.0
-    while log_bound(hi) > math.log(alpha):
-        hi *= 2
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if log_bound(mid) > math.log(alpha) else (lo, mid)
-    return hi
-
-
-def _chi2(tokens: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    n = tokens.numel()
-    observed = torch.bincount(tokens, minlength=probs.numel()).double()
-    support = probs > 0
-    assert observed[~support].sum() == 0, "sampled a token of probability 0"
-    expected = n * probs[support].double()
-    # the chi-square approximation of Pearson's statistic needs well-filled cells
-    assert expected.min() >= 50
-    stat = ((observed[support] - expected) ** 2 / expected).sum().item()
-    return stat, int(support.sum()) - 1
-
-
 DISTRIBUTIONS = [
     ("probs", 0.8, 8, 0.95, 1.0),
     ("probs", 1.5, 0, 1.0, 3.0),
@@ -230,15 +199,15 @@ def test_sampled_distribution_matches_reference(config):
     kw = dict(lam=lam, fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p)
     probs = rectified_probs_reference(z, f, **kw)[0]
     tokens = rectified_next_token(z.repeat(n, 1), f.repeat(n, 1), generator=_gen(123), impl="torch", **kw)
-    stat, df = _chi2(tokens, probs)
-    critical = _chi2_critical(df, 1e-6)
+    stat, df = chi2_statistic(tokens, probs)
+    critical = chi2_critical(df, 1e-6)
     assert stat < critical, f"chi-square {stat:.1f} >= {critical:.1f} (df={df})"
     # the test has power: the same draws are far from the distribution without temperature
     untempered = rectified_probs_reference(z, f, **{**kw, "temperature": 1.0 if temperature != 1.0 else 2.0})[
         0
     ]
     if (untempered > 0).equal(probs > 0):
-        assert _chi2(tokens, untempered)[0] > critical
+        assert chi2_statistic(tokens, untempered)[0] > critical
 
 
 # ------------------------------------------------------------------------------------------- fallback

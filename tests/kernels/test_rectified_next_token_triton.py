@@ -9,7 +9,6 @@ of the sampled distribution are marked ``gpu``.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -28,6 +27,7 @@ from tcopilot.kernels.rectified_next_token import (  # noqa: E402
     rectified_probs_reference,
 )
 from tcopilot.kernels.rectified_next_token.triton_impl import rectified_next_token_triton  # noqa: E402
+from tcopilot.testing import chi2_critical, chi2_statistic  # noqa: E402
 
 DEV = "cuda" if _HAS_CUDA else "cpu"
 TINY = torch.finfo(torch.float32).tiny
@@ -301,21 +301,6 @@ def test_philox_seed_is_deterministic_and_respects_filters():
 # --------------------------------------------------------------------------------------------------- GPU
 
 
-def _chi2_critical(df: int, alpha: float = 1e-6) -> float:
-    """Conservative chi-square quantile from the Chernoff bound (see test_rectified_next_token.py)."""
-
-    def log_bound(x):
-        return 0.5 * df * math.log(x / df) + 0.5 * (df - x)
-
-    lo, hi = float(df), float(df) + 10.0
-    while log_bound(hi) > math.log(alpha):
-        hi *= 2
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if log_bound(mid) > math.log(alpha) else (lo, mid)
-    return hi
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("source", ["generator", "philox"])
@@ -330,13 +315,8 @@ def test_gpu_sampled_distribution_chi_square(config, source):
     probs = rectified_probs_reference(z, f, **kw)[0].double().cpu()
     rand = dict(seed=1234) if source == "philox" else dict(generator=_gen(123))
     tokens = rectified_next_token_triton(z.repeat(n, 1), f.repeat(n, 1), **rand, **kw).cpu()
-    observed = torch.bincount(tokens, minlength=v).double()
-    support = probs > 0
-    assert observed[~support].sum() == 0
-    expected = n * probs[support]
-    assert expected.min() >= 50
-    stat = ((observed[support] - expected) ** 2 / expected).sum().item()
-    assert stat < _chi2_critical(int(support.sum()) - 1)
+    stat, df = chi2_statistic(tokens, probs)
+    assert stat < chi2_critical(df)
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._validation import FLOAT_DTYPES, check_finite, check_tensor, resolve_impl
+from ..._validation import FLOAT32_TINY, FLOAT_DTYPES, check_finite, check_float32_range, check_tensor, resolve_impl
 from ..rectified_next_token.api import _validate as _validate_sampler
 
 
@@ -26,10 +26,11 @@ def rectified_decode_head(
     lm_head_bias: torch.Tensor | None = None,
     lam: float | torch.Tensor = 1.0,
     fusion: str = "probs",
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
     generator: torch.Generator | None = None,
+    seed: int | torch.Tensor | None = None,
     softcap: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -64,7 +65,8 @@ def rectified_decode_head(
         copilot_hidden: [B, c] (the Copilot's ``g``); error_out_weight: [V, c]; error_out_bias: [V] or None.
         lm_head_bias: [V] or None, keyword only: the Pilot's ``lm_head.bias`` (Phi, GPT-J, CodeGen), added to
             ``z`` before the soft-cap. All tensors on one device, each in any float dtype (they may differ).
-        lam, fusion, temperature, top_k, top_p, generator: as ``rectified_next_token``.
+        lam, fusion, temperature, top_k, top_p, generator, seed: as ``rectified_next_token`` (per-row tensors and
+            Philox seeds included).
         softcap: None / 0 (off) or a finite number > 0.
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` (above; CPU tensors only under ``TRITON_INTERPRET=1``).
 
@@ -91,13 +93,15 @@ def rectified_decode_head(
     if lm_head_bias is not None:
         check_tensor("lm_head_bias", lm_head_bias, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(vocab,))
     if softcap is not None:
-        softcap = check_finite("softcap", softcap)
-        if softcap < 0:
-            raise ValueError(f"softcap: expected None, 0 (off) or a number > 0, got {softcap!r}")
+        softcap = check_float32_range("softcap", check_finite("softcap", softcap))
+        if softcap < 0 or 0 < softcap < FLOAT32_TINY:  # z / softcap is computed in fp32
+            raise ValueError(
+                f"softcap: expected None, 0 (off) or a number >= {FLOAT32_TINY:.4g}, got {softcap!r}"
+            )
     # the sampler's checks, on a [B, V]-shaped stand-in that is never materialised
     stand_in = torch.empty(1, device=device).expand(bsz, vocab)
     lam, temperature, top_k, top_p = _validate_sampler(stand_in, stand_in, lam, fusion, temperature, top_k, top_p,
-                                                       generator)
+                                                       generator, seed)
     wants_triton = impl == "triton" or (impl == "auto" and device.type == "cuda")
     triton_fn = _triton_fn() if wants_triton else None
     chosen = resolve_impl(impl, device, "rectified_decode_head", triton_available=triton_fn is not None)
@@ -107,4 +111,4 @@ def rectified_decode_head(
         fn = triton_fn
     return fn(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, lm_head_bias=lm_head_bias,
               lam=lam, fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-              softcap=softcap or None)
+              seed=seed, softcap=softcap or None)

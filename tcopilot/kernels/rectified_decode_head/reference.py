@@ -24,10 +24,10 @@ def decode_head_logits_reference(pilot_hidden, lm_head, copilot_hidden, error_ou
 
 def rectified_decode_head_reference(
     pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias=None, *, lm_head_bias=None, lam=1.0,
-    fusion="probs", temperature=0.0, top_k=0, top_p=1.0, generator=None, softcap=None,
+    fusion="probs", temperature=0.0, top_k=0, top_p=1.0, generator=None, softcap=None, seed=None,
 ) -> torch.Tensor:
     """[B] int64: ``rectified_next_token_reference`` of the materialised ``z`` and ``f``."""
     z, f = decode_head_logits_reference(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias,
                                         softcap, lm_head_bias=lm_head_bias)
     return rectified_next_token_reference(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, generator=generator)
+                                          top_p=top_p, generator=generator, seed=seed)

@@ -1,7 +1,7 @@
 """Pure-PyTorch ``rectified_decode_head``: the vocabulary products tile by tile (semantics: ``api``).
 
-Greedy decoding never holds a ``[B, V]`` tensor: ``fusion="logits"`` keeps a running argmax of
-``z + lam * f`` over tiles of ``block_v`` tokens (one pass over V); ``fusion="probs"`` first runs an
+Greedy decoding (a ``temperature`` number 0) never holds a ``[B, V]`` tensor: ``fusion="logits"`` keeps a
+running argmax of ``z + lam * f`` over tiles of ``block_v`` tokens (one pass over V); ``fusion="probs"`` first runs an
 online max / sum-exp of ``z`` (pass 1, the Pilot's head only), then a running argmax of
 ``exp(z - lse) + lam * f`` (pass 2, both heads; ``z`` is recomputed rather than stored). Ties go to the
 lowest id. Sampling materialises ``z`` and ``f`` ([B, V] fp32, written tile by tile) and calls
@@ -33,13 +33,13 @@ def _f_tile(g, a, b, lo, hi):
 
 def rectified_decode_head_torch(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, *, lam,
                                 fusion, temperature, top_k, top_p, generator, softcap, lm_head_bias=None,
-                                block_v: int = BLOCK_V):
+                                seed=None, block_v: int = BLOCK_V):
     """[B] int64 on validated inputs; ``lam`` is a float or a [B] fp32 tensor."""
     h, g = pilot_hidden.float(), copilot_hidden.float()
     bsz, vocab = h.shape[0], lm_head.shape[0]
     device = h.device
     lam_col = lam.float().reshape(-1, 1) if isinstance(lam, torch.Tensor) else lam
-    if temperature > 0:
+    if isinstance(temperature, torch.Tensor) or temperature > 0:
         z = torch.empty(bsz, vocab, dtype=torch.float32, device=device)
         f = torch.empty_like(z)
         for lo in range(0, vocab, block_v):
@@ -47,7 +47,7 @@ def rectified_decode_head_torch(pilot_hidden, lm_head, copilot_hidden, error_out
             z[:, lo:hi] = _z_tile(h, lm_head, lm_head_bias, lo, hi, softcap)
             f[:, lo:hi] = _f_tile(g, error_out_weight, error_out_bias, lo, hi)
         return rectified_next_token_torch(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, generator=generator)
+                                          top_p=top_p, generator=generator, seed=seed)
     if fusion == "probs":  # pass 1: log-sum-exp of z
         m = torch.full((bsz, 1), float("-inf"), device=device)
         s = torch.zeros((bsz, 1), device=device)

@@ -190,14 +190,15 @@ def decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out
 
 
 def rectified_decode_head_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight, error_out_bias, *, lam,
-                                 fusion, temperature, top_k, top_p, generator, softcap, lm_head_bias=None):
+                                 fusion, temperature, top_k, top_p, generator, softcap, lm_head_bias=None,
+                                 seed=None):
     """[B] int64 on validated inputs; ``lam`` is a float or a [B] (or 0-d) tensor."""
     probs = fusion == "probs"
     z, f, *stats = decode_head_products_triton(pilot_hidden, lm_head, copilot_hidden, error_out_weight,
                                                error_out_bias, softcap, lm_head_bias=lm_head_bias, with_stats=probs)
     # api.rectified_decode_head has validated every option (lam's values included): no second host sync
     return rectified_next_token_triton(z, f, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k,
-                                       top_p=top_p, generator=generator, validate=False,
+                                       top_p=top_p, generator=generator, seed=seed, validate=False,
                                        row_stats=stats[0] if probs else None)
 
 

@@ -1,12 +1,16 @@
 """Naive oracle for ``rectified_next_token``: the final sampling distribution, materialised step by step.
 
 The semantics are documented in ``api.rectified_next_token``; this file is their executable form and
-sorts the whole vocabulary wherever that is the plainest way to say what is kept.
+sorts the whole vocabulary wherever that is the plainest way to say what is kept. Per-row
+``temperature`` / ``top_k`` / ``top_p`` tensors are served the plainest way too: row by row, each row with
+its own numbers, exactly as a batch of one.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .philox import philox_uniforms
 
 
 def _lam_column(lam, batch: int, device: torch.device) -> torch.Tensor:
@@ -19,21 +23,43 @@ def _one_hot(ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(ids, vocab).to(torch.float32)
 
 
+def _row_values(value, batch: int) -> list:
+    """A per-row option as ``batch`` Python numbers (a number repeats; a [B] or 0-d tensor is read out)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).expand(batch).tolist()
+    return [value] * batch
+
+
 def rectified_probs_reference(
     pilot_logits: torch.Tensor,
     copilot_out: torch.Tensor,
     *,
     lam: float | torch.Tensor = 1.0,
     fusion: str = "probs",
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """The distribution ``rectified_next_token`` samples from, [B, V] fp32 (rows sum to 1).
 
     ``temperature == 0`` gives a one-hot row at the greedy token; so does a ``fusion="probs"`` row whose
-    clamped ``p~`` is all zero (at ``argmax z``).
+    clamped ``p~`` is all zero (at ``argmax z``). ``temperature``, ``top_k`` and ``top_p`` may be [B] tensors:
+    each row is then computed alone with its own values.
     """
+    if any(isinstance(x, torch.Tensor) for x in (temperature, top_k, top_p)):
+        batch = pilot_logits.shape[0]
+        lam_col = _lam_column(lam, batch, pilot_logits.device)
+        rows = [
+            _rectified_probs_row(pilot_logits[b : b + 1], copilot_out[b : b + 1], lam_col[b : b + 1], fusion,
+                                 float(t), int(k), float(p))  # fmt: skip
+            for b, (t, k, p) in enumerate(zip(*(_row_values(x, batch) for x in (temperature, top_k, top_p))))
+        ]
+        return torch.cat(rows) if rows else torch.empty(pilot_logits.shape, device=pilot_logits.device)
+    return _rectified_probs_row(pilot_logits, copilot_out, lam, fusion, temperature, top_k, top_p)
+
+
+def _rectified_probs_row(pilot_logits, copilot_out, lam, fusion, temperature, top_k, top_p) -> torch.Tensor:
+    """``rectified_probs_reference`` with numbers for the filters (rows of one setting)."""
     z = pilot_logits.float()
     f = copilot_out.float()
     batch, vocab = z.shape
@@ -87,20 +113,27 @@ def rectified_next_token_reference(
     *,
     lam: float | torch.Tensor = 1.0,
     fusion: str = "probs",
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
     generator: torch.Generator | None = None,
+    seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token [B] int64, drawn from ``rectified_probs_reference`` by the documented Gumbel-max race.
 
-    ``temperature == 0`` draws no random numbers.
+    A ``temperature`` number 0 draws no random numbers; a ``temperature`` tensor draws them for the whole
+    batch (its greedy rows ignore them). The uniforms are ``torch.rand([B, V], generator)``, or with
+    ``seed`` the counter-based ``philox.philox_uniforms`` (what the Triton kernels draw in-kernel).
     """
     probs = rectified_probs_reference(
         pilot_logits, copilot_out, lam=lam, fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p
     )
-    if temperature == 0:
+    if not isinstance(temperature, torch.Tensor) and temperature == 0:
         return torch.argmax(probs, dim=-1)
-    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float32)
+    if seed is not None:
+        u = philox_uniforms(seed, probs.shape[0], probs.shape[1], probs.device)
+    else:
+        u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float32)
     u = torch.clamp(u, min=torch.finfo(torch.float32).tiny)
+    # A greedy row (temperature 0) is one-hot: the race can only pick its token.
     return torch.argmax(torch.log(probs) - torch.log(-torch.log(u)), dim=-1)

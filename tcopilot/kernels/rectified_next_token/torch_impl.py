@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from .philox import philox_uniforms
+
 
 def _lam_column(lam: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(lam, torch.Tensor):
         return lam.to(device=device, dtype=torch.float32).reshape(-1).expand(batch)[:, None]
     return torch.full((batch, 1), float(lam), dtype=torch.float32, device=device)
+
+
+def _column(value, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A per-row option as a [B, 1] column (a [B] or 0-d tensor, already validated)."""
+    return value.to(device=device, dtype=dtype).reshape(-1).expand(batch)[:, None]
 
 
 def rectified_next_token_torch(
@@ -22,31 +29,43 @@ def rectified_next_token_torch(
     *,
     lam: float | torch.Tensor,
     fusion: str,
-    temperature: float,
-    top_k: int,
-    top_p: float,
+    temperature: float | torch.Tensor,
+    top_k: int | torch.Tensor,
+    top_p: float | torch.Tensor,
     generator: torch.Generator | None,
+    seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token [B] int64 on validated inputs."""
+    """Next token [B] int64 on validated inputs.
+
+    ``temperature``, ``top_k``, ``top_p`` may be [B] tensors (0 = greedy / off / 1 = off per row): the
+    arithmetic is then the same per row, with a full sort of the vocabulary where a per-row ``top_k`` or
+    ``top_p`` needs the sorted order (a ``topk`` of the largest k would need the largest k on the host).
+    ``seed`` replaces ``torch.rand`` by the Triton kernels' Philox uniforms (``philox.py``).
+    """
     z = pilot_logits.float()
     f = copilot_out.float()
     batch, vocab = z.shape
-    lam = _lam_column(lam, batch, z.device)
+    device = z.device
+    lam = _lam_column(lam, batch, device)
+    per_row_t = isinstance(temperature, torch.Tensor)
 
     if fusion == "probs":
         fused = torch.softmax(z, dim=-1) + lam * f
-        if temperature == 0:
-            return torch.argmax(fused, dim=-1)
-        w = torch.log(fused.clamp_(min=0.0))
     else:
         fused = z + lam * f
-        if temperature == 0:
-            return torch.argmax(fused, dim=-1)
-        w = fused
+    if not per_row_t and temperature == 0:
+        return torch.argmax(fused, dim=-1)
+    greedy = torch.argmax(fused, dim=-1) if per_row_t else None
+    w = torch.log(fused.clamp_(min=0.0)) if fusion == "probs" else fused
 
     row_max = w.amax(dim=-1, keepdim=True)
     dead = torch.isneginf(row_max)
-    w = w.sub_(row_max.masked_fill(dead, 0.0)).div_(temperature)
+    if per_row_t:
+        t_col = _column(temperature, batch, device, torch.float32)
+        t_col = torch.where(t_col > 0, t_col, 1.0)  # greedy rows: any finite weights do, their token is set below
+    else:
+        t_col = temperature
+    w = w.sub_(row_max.masked_fill(dead, 0.0)).div_(t_col)
     if fusion == "probs":
         # A row with no positive p~ left becomes one-hot at argmax z; written as a masked fill plus a
         # one-element scatter per row so that no host sync is needed to find such rows.
@@ -54,12 +73,22 @@ def rectified_next_token_torch(
         w = w.masked_fill_(dead, float("-inf"))
         w.scatter_(1, target, torch.where(dead, 0.0, w.gather(1, target)))
 
-    top_k_on = 0 < top_k < vocab
-    if top_k_on:
-        kth = torch.topk(w, top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        w = w.masked_fill_(w < kth, float("-inf"))
+    sorted_w = None
+    if isinstance(top_k, torch.Tensor):
+        k_col = _column(top_k, batch, device, torch.int64)
+        sorted_w = torch.sort(w, dim=-1, descending=True).values
+        kth = sorted_w.gather(1, (k_col - 1).clamp(0, vocab - 1))
+        w = w.masked_fill_((k_col > 0) & (k_col < vocab) & (w < kth), float("-inf"))
+        top_k_on = False  # the top-p prefix below sorts the whole row
+    else:
+        top_k_on = 0 < top_k < vocab
+        if top_k_on:
+            kth = torch.topk(w, top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+            w = w.masked_fill_(w < kth, float("-inf"))
 
-    if top_p < 1.0:
+    per_row_p = isinstance(top_p, torch.Tensor)
+    if per_row_p or top_p < 1.0:
+        p_col = _column(top_p, batch, device, torch.float32) if per_row_p else top_p
         probs = torch.softmax(w, dim=-1)
         # With top-k on, every probability outside the k largest is 0 or tied with the k-th, so the
         # sorted prefix that decides the threshold lies within the k largest.
@@ -68,12 +97,21 @@ def rectified_next_token_torch(
         else:
             sorted_probs = torch.sort(probs, dim=-1, descending=True).values
         mass = torch.cumsum(sorted_probs, dim=-1)
-        n_keep = (mass[:, :-1] < top_p).sum(dim=-1, keepdim=True) + 1
+        n_keep = (mass[:, :-1] < p_col).sum(dim=-1, keepdim=True) + 1
         smallest_kept = sorted_probs.gather(1, n_keep - 1)
-        w = w.masked_fill_(probs < smallest_kept, float("-inf"))
+        drop = probs < smallest_kept
+        if per_row_p:
+            drop &= p_col < 1.0
+        w = w.masked_fill_(drop, float("-inf"))
 
     probs = torch.softmax(w, dim=-1)
-    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float32)
+    if seed is not None:
+        u = philox_uniforms(seed, batch, vocab, device)
+    else:
+        u = torch.rand(probs.shape, generator=generator, device=device, dtype=torch.float32)
     # torch.rand can return exactly 0; clamping keeps every kept token's race time finite.
     u = u.clamp_(min=torch.finfo(torch.float32).tiny)
-    return torch.argmax(torch.log(probs) - torch.log(-torch.log(u)), dim=-1)
+    token = torch.argmax(torch.log(probs) - torch.log(-torch.log(u)), dim=-1)
+    if per_row_t:
+        token = torch.where(_column(temperature, batch, device, torch.float32)[:, 0] > 0, token, greedy)
+    return token

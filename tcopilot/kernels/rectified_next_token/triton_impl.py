@@ -67,6 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .api import check_row_values
 from .triton_split import fused_tile, philox_uniforms, row_softmax_stats, split_rows_next_token
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -319,26 +320,6 @@ def _per_row(name, value, batch, device, dtype, is_int=False):
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
-def _check_row_values(lam, temperature, top_k, top_p):
-    """One host sync over the values of the per-row tensors (skipped by ``validate=False``)."""
-    checks = []
-    if isinstance(lam, torch.Tensor):
-        checks.append(("lam", "finite values", lam, ~torch.isfinite(lam)))
-    if isinstance(temperature, torch.Tensor):
-        bad = ~(torch.isfinite(temperature) & (temperature >= 0))
-        checks.append(("temperature", "finite values >= 0 (0 = greedy)", temperature, bad))
-    if isinstance(top_k, torch.Tensor):
-        checks.append(("top_k", "values >= 0 (0 = off)", top_k, top_k < 0))
-    if isinstance(top_p, torch.Tensor):
-        checks.append(("top_p", "values in (0, 1] (1 = off)", top_p, ~((top_p > 0) & (top_p <= 1))))
-    if not checks:
-        return
-    flags = torch.stack([bad.reshape(-1).any() for *_, bad in checks]).tolist()
-    for (name, want, value, _), is_bad in zip(checks, flags):
-        if is_bad:
-            raise ValueError(f"{name}: expected {want}, got {value.tolist()}")
-
-
 def rectified_next_token_triton(
     pilot_logits: torch.Tensor,
     copilot_out: torch.Tensor,
@@ -357,10 +338,11 @@ def rectified_next_token_triton(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton next token [B] int64 (semantics: ``api.rectified_next_token``; inputs validated there).
 
-    Beyond the public API, every per-row parameter may also be a [B] tensor (scalars broadcast):
-    ``lam``, ``temperature`` (0 = greedy for that row), ``top_k`` (0 or >= V = off) and ``top_p``
-    (1 = off). With ``validate=True`` the values of such tensors are checked in one host sync;
-    ``validate=False`` skips it (CUDA-graph capture), and bad values then give an unspecified but valid id.
+    As in the public API, every per-row parameter may be a [B] tensor (scalars broadcast): ``lam``,
+    ``temperature`` (0 = greedy for that row), ``top_k`` (0 or >= V = off) and ``top_p`` (1 = off). With
+    ``validate=True`` the values of such tensors are checked in one host sync; ``validate=False`` (what the
+    public API passes, having checked them) skips it, for CUDA-graph capture; bad values then give an
+    unspecified but valid id.
 
     Randomness: with ``seed=None`` (default) the uniforms are ``torch.rand([B, V], generator)`` clamped
     to ``finfo(float32).tiny``, exactly as ``impl="torch"`` draws them (so the same generator gives the
@@ -368,6 +350,7 @@ def rectified_next_token_triton(
     greedy call with a number. ``seed`` (an int, or a [B] integer tensor of per-row seeds) switches to
     Philox uniforms generated in the kernel: nothing of size V is drawn or read, ``generator`` must then
     be None. Same seed, same tokens; a per-row seed makes a row's draw independent of its batch position.
+    ``philox.philox_uniforms`` computes the same numbers in PyTorch (the reference and ``impl="torch"``).
 
     ``return_search_passes=True`` (diagnostics, benchmarks) also returns a [B, 2] int32 tensor: the
     counting passes the top-k and the top-p threshold searches took for each row (0 = filter off).
@@ -394,7 +377,7 @@ def rectified_next_token_triton(
     if seed is not None and generator is not None:
         raise ValueError("seed: expected None when a generator is given (seed selects in-kernel Philox)")
     if validate:
-        _check_row_values(lam, temperature, top_k, top_p)
+        check_row_values(lam, temperature, top_k, top_p)
 
     sample = isinstance(temperature, torch.Tensor) or float(temperature) > 0.0
     filtered = sample and (isinstance(top_k, torch.Tensor) or isinstance(top_p, torch.Tensor)
