@@ -349,6 +349,7 @@ def generate(
     pad_token_id: int | None = None,
     generation_config=None,
     generator: torch.Generator | None = None,
+    seed: int | torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Generate with the Pilot rectified by the Copilot; returns ``[B, L + new]`` token ids.
@@ -394,6 +395,12 @@ def generate(
             would change the output (``repetition_penalty``, ``num_return_sequences``, ``min_new_tokens``,
             ...) raise a ValueError instead of being ignored.
         generator: ``torch.Generator`` for sampling (reproducible draws).
+        seed: instead of ``generator``, counter-based sampling (``rectified_next_token(seed=)``'s Philox
+            numbers): an int, or a ``[B]`` integer tensor with one seed per prompt, so that a prompt's draws
+            depend on its own seed only, not on its batch or row. Step ``t`` uses the key
+            ``seed + (t + 1) * 0x9E3779B97F4A7C15`` (mod 2**64), a new stream per step. The same seed gives
+            the same tokens on the torch and Triton paths up to float rounding ties. Unused by greedy
+            decoding and beam search.
         impl: how the next token is picked (``num_beams=1``; beam search scores in PyTorch whatever ``impl``).
             ``"auto"``: the fused :func:`tcopilot.rectified_decode_head` (Triton) on CUDA tensors, the
             materialised ``z``, ``f`` and :func:`tcopilot.rectified_next_token` on the CPU. ``"torch"`` /
@@ -420,6 +427,7 @@ def generate(
     check_finite("lam", lam)
     check_choice("fusion", fusion, ("probs", "logits"))
     check_choice("impl", impl, IMPLS)
+    _check_seed(seed, generator, input_ids)
 
     use_copilot = _uses_copilot(model, lam)
     if max_new_tokens == 0:
@@ -436,12 +444,54 @@ def generate(
         dec = _PairDecoder(model, states, use_copilot)
         dec.prefill(input_ids, attention_mask)
         return _decode_loop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
-                            generator, impl, eos_ids, pad_token_id)
+                            (generator, seed), impl, eos_ids, pad_token_id)
+
+
+# Step keys of a seeded generation: seed + (t + 1) * this odd constant (2**64 / golden ratio) mod 2**64, so
+# consecutive steps (and nearby seeds) get far-apart Philox keys.
+_STEP_KEY = 0x9E3779B97F4A7C15
+
+
+def _as_int64(x: int) -> int:
+    """``x`` mod 2**64 as a signed int64 value."""
+    x %= 2**64
+    return x - 2**64 if x >= 2**63 else x
+
+
+def _check_seed(seed, generator, input_ids: torch.Tensor) -> None:
+    """The generation-level checks of ``seed`` (the sampler checks the rest at each step)."""
+    if seed is None:
+        return
+    if generator is not None:
+        raise ValueError("seed: expected None when a generator is given (seed selects the Philox numbers)")
+    if isinstance(seed, torch.Tensor):
+        if seed.shape != (input_ids.shape[0],) or seed.dtype.is_floating_point or seed.dtype == torch.bool:
+            raise ValueError(
+                f"seed: expected an int or an integer tensor of shape [{input_ids.shape[0]}] (one per prompt), "
+                f"got a {seed.dtype} tensor of shape {list(seed.shape)}"
+            )
+        if seed.device != input_ids.device:
+            raise ValueError(f"seed: expected a tensor on {input_ids.device} (like input_ids), got {seed.device}")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**63) or a [B] integer tensor, got {seed!r}")
+
+
+def _step_randomness(randomness, step: int) -> dict:
+    """``generator=`` / ``seed=`` keywords of the sampler at decoding step ``step``."""
+    generator, seed = randomness
+    if seed is None:
+        return dict(generator=generator)
+    offset = _as_int64(_STEP_KEY * (step + 1))
+    if isinstance(seed, torch.Tensor):  # int64 addition wraps: the key is taken mod 2**64
+        return dict(seed=seed.to(torch.int64) + offset)
+    return dict(seed=_as_int64(seed + offset))
 
 
 def _decode_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
-                 generator, impl, eos_ids, pad_token_id) -> torch.Tensor:
-    """Algorithm 2 from a prefilled decoder (``num_beams=1``): ``[B, L + new]`` ids (see :func:`generate`)."""
+                 randomness, impl, eos_ids, pad_token_id) -> torch.Tensor:
+    """Algorithm 2 from a prefilled decoder (``num_beams=1``): ``[B, L + new]`` ids (see :func:`generate`).
+
+    ``randomness``: ``(generator, seed)``, at most one of them set."""
     device = input_ids.device
     out_ids = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
@@ -456,14 +506,15 @@ def _decode_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusio
             h, weight, bias = lm_head_operands(head[0], dec.h, scale)
             nxt = rectified_decode_head(
                 h, weight, dec.g, head[1], head[2], lm_head_bias=bias, lam=lam, fusion=fusion,
-                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, softcap=softcap, impl=impl,
+                temperature=temperature, top_k=top_k, top_p=top_p, softcap=softcap, impl=impl,
+                **_step_randomness(randomness, step),
             )
         else:
             f = dec.copilot_out()
             nxt = rectified_next_token(
                 dec.z, torch.zeros_like(dec.z) if f is None else f, lam=lam if use_copilot else 0.0,
-                fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                impl=impl,
+                fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, impl=impl,
+                **_step_randomness(randomness, step),
             )
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
@@ -483,7 +534,8 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     Returns ``{(lam, fusion): [B, L + new] ids}``, each equal to ``generate(model, input_ids, lam=lam,
     fusion=fusion, attention_mask=attention_mask, **options)`` (a lambda sweep pays for the prompts once).
     ``options``: :func:`generate`'s other keywords; ``num_beams`` must be 1. Sampling draws from one
-    ``generator`` setting after setting, in the order given.
+    ``generator`` setting after setting, in the order given; with ``seed`` every setting draws the numbers
+    ``generate(seed=...)`` would.
     """
     settings = [(float(check_finite("lam", lam)), fusion) for lam, fusion in settings]
     if not settings:
@@ -492,7 +544,9 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
         check_choice("fusion", fusion, ("probs", "logits"))
     attention_mask = _check_prompts(input_ids, attention_mask)
     impl, generator = options.pop("impl", "auto"), options.pop("generator", None)
+    seed = options.pop("seed", None)
     check_choice("impl", impl, IMPLS)
+    _check_seed(seed, generator, input_ids)
     o = resolve_generation_options(input_ids.shape[1], options.pop("generation_config", None), **options)
     if o["num_beams"] != 1:
         raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")
@@ -507,7 +561,7 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
             lam, fusion = setting
             results[setting] = _decode_loop(
                 model, root.fork(uses[setting]), input_ids, o["max_new_tokens"], lam, fusion, o["temperature"],
-                o["top_k"], o["top_p"], generator, impl, o["eos_token_ids"], o["pad_token_id"],
+                o["top_k"], o["top_p"], (generator, seed), impl, o["eos_token_ids"], o["pad_token_id"],
             )
     return results
 
