@@ -168,6 +168,20 @@ def test_zero_mse_has_zero_gradient():
         assert torch.isfinite(grads[k]).all() and torch.all(grads[k] == 0), k
 
 
+def test_non_finite_inputs_give_a_non_finite_loss():
+    # A diverged Copilot (NaN in g) or Pilot (NaN statistics) must not look perfect: the loss is NaN, as
+    # the reference's, never the 0 that the "x <= 0" branch of the square root gives.
+    case = make_case(n=6, v=40, c=4, dtype=torch.float32, ignore_every=0)
+    case["g"][2, 0] = float("nan")
+    loss, _ = composed(case)
+    want, _ = materialised(case)
+    assert torch.isnan(loss) and torch.isnan(want)
+    case = make_case(n=6, v=40, c=4, dtype=torch.float32, ignore_every=0)
+    case["h"][0, 0] = float("nan")
+    loss, _ = composed(case)
+    assert torch.isnan(loss)
+
+
 def test_single_row_and_auto_impl():
     case = make_case(n=1, ignore_every=0)
     loss, grads = composed(case, impl="auto")

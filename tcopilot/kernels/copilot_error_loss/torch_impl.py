@@ -16,11 +16,15 @@ import torch
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(max(x, 0))`` with a zero (not NaN, not inf) gradient where ``x <= 0``."""
-    pos = x > 0
+    """``sqrt(max(x, 0))`` with a zero (not NaN, not inf) gradient where ``x <= 0``; NaN and +inf pass through.
+
+    ``x <= 0`` (rounding can push the Gram form of a ~0 error below zero) is the branch that is zeroed, and it
+    is False for NaN: a diverged Copilot or Pilot gives a NaN loss, as the reference does, never a perfect 0.
+    """
+    nonpos = x <= 0
     # The untaken branch is evaluated too; feeding it 1 keeps its gradient finite so where() can zero it.
-    root = torch.sqrt(torch.where(pos, x, torch.ones_like(x)))
-    return torch.where(pos, root, torch.zeros_like(root))
+    root = torch.sqrt(torch.where(nonpos, torch.ones_like(x), x))
+    return torch.where(nonpos, torch.zeros_like(root), root)
 
 
 def copilot_error_loss_torch(
