@@ -7,6 +7,7 @@ expected and what was received, so a user never meets a silent NaN or a crash de
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -69,11 +70,35 @@ def check_finite(name: str, value: float) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat, torch.SymInt)):
             raise ValueError(f"{name}: expected a finite number, got {value!r}")
         return value
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not _isfinite(value):
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else f"{shown[:24]}...({len(shown)} characters)"
-        raise ValueError(f"{name}: expected a finite number, got {shown}")
+    # numbers.Real: Python and numpy floats and ints (np.float32(0.5), np.int64(3)); not bools, not tensors.
+    if not is_finite_number(value):
+        raise ValueError(f"{name}: expected a finite number, got {_shown(value)}")
     return float(value)
+
+
+def _is_number(value) -> bool:
+    # numpy's bool is no numbers.Real; Python's bool is (an int subclass): excluded by name.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A finite real number (Python or numpy; not a bool, not a tensor, not an int past the float range)."""
+    return _is_number(value) and _isfinite(value)
+
+
+def _shown(value) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else f"{shown[:24]}...({len(shown)} characters)"
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None, what: str = "an int") -> int:
+    """An integer option as a Python int: ``numbers.Integral`` (Python and numpy ints, not bools), within int64
+    (it meets int64 tensors) and within ``[low, high]`` when given. ``what`` words the expectation."""
+    lo = -(2**63) if low is None else low
+    hi = 2**63 - 1 if high is None else high
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name}: expected {what}, got {_shown(value)}")
+    return int(value)
 
 
 def _isfinite(value: int | float) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tcopilot._validation import FLOAT_DTYPES, IMPLS, check_choice, check_labels, check_tensor, resolve_impl
+from tcopilot._validation import FLOAT_DTYPES, IMPLS, check_choice, check_int, check_labels, check_tensor, resolve_impl
 
 from .torch_impl import copilot_error_loss_torch
 
@@ -99,8 +99,7 @@ def copilot_error_loss(
         )
     check_tensor("capture.p_target", capture.p_target, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(n,))
     check_tensor("capture.p_sq_sum", capture.p_sq_sum, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(n,))
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    ignore_index = check_int("ignore_index", ignore_index, what="an int (in int64 range)")
     check_tensor("labels", labels, ndim=1, dtypes=LABEL_DTYPES, device=device, shape=(n,))
     check_labels("labels", labels, vocab, ignore_index)
 

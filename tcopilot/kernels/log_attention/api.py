@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..._validation import FLOAT_DTYPES, check_finite, check_tensor, resolve_impl
+from ..._validation import FLOAT_DTYPES, check_finite, check_float32_range, check_tensor, resolve_impl
 
 POS_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -49,6 +49,8 @@ def _validate(q, k, v, q_pos, k_pos, scale) -> float:
     scale = check_finite("scale", scale)
     if scale <= 0:
         raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+    if q.dtype != torch.float64:  # the scores are scaled in fp32 (fp64 inputs compute in fp64)
+        check_float32_range("scale", scale)
     return scale
 
 

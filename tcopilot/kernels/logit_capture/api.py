@@ -16,8 +16,11 @@ from tcopilot._validation import (
     IMPLS,
     check_choice,
     check_finite,
+    check_float32_range,
+    check_int,
     check_labels,
     check_tensor,
+    is_finite_number,
     resolve_impl,
 )
 
@@ -107,8 +110,7 @@ def _check_num_items(num_items_in_batch, reduction: str):
         # torch.compile traces a Python number that changes between calls as a symbol, and math.isfinite
         # cannot be traced: the op checks the value when it runs (as for a tensor).
         value = 1
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value <= 0:
+    if not is_finite_number(value) or value <= 0:  # numpy scalars too
         raise ValueError(f"num_items_in_batch: expected a finite number > 0, got {value!r}")
     if reduction != "mean":
         # Silently ignoring it would hand back a loss off by the token count.
@@ -265,19 +267,19 @@ def logit_capture(
             f"bias: expected dtype {str(weight.dtype).replace('torch.', '')} (the dtype of weight), "
             f"got {str(bias.dtype).replace('torch.', '')}"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    ignore_index = check_int("ignore_index", ignore_index, what="an int (in int64 range)")
     check_tensor("labels", labels, ndim=1, dtypes=LABEL_DTYPES, device=device, shape=(n,))
     if not compiling:
         # Data-dependent (reads the labels back): under torch.compile the op checks them when it runs.
         check_labels("labels", labels, vocab, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= vocab:
-        raise ValueError(f"topk: expected an int in [0, {vocab}] (the vocabulary size), got {topk!r}")
+    topk = check_int("topk", topk, low=0, high=vocab, what=f"an int in [0, {vocab}] (the vocabulary size)")
     if softcap is not None:
         check_finite("softcap", softcap)
         if softcap <= 0:
             raise ValueError(f"softcap: expected None or a number > 0, got {softcap!r}")
+        if hidden.dtype != torch.float64:  # z / softcap in fp32 (fp64 inputs accumulate in fp64)
+            check_float32_range("softcap", float(softcap))
     check_finite("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing: expected a number in [0, 1), got {label_smoothing!r}")
