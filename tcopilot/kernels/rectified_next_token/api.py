@@ -43,7 +43,7 @@ def _validate_lam(lam, batch: int, device: torch.device) -> float | torch.Tensor
     return lam
 
 
-def _check_row_option(name: str, value, batch: int, device: torch.device, integer: bool) -> None:
+def check_row_option(name: str, value, batch: int, device: torch.device, integer: bool) -> None:
     """Shape, device and dtype of a per-row option given as a tensor: [B] (one per row) or 0-d."""
     if value.dim() not in (0, 1) or (value.dim() == 1 and value.shape[0] != batch):
         raise ValueError(
@@ -91,7 +91,7 @@ def _validate_seed(seed, generator, batch: int, device: torch.device) -> None:
                 f"seed: expected an int or an integer tensor of shape [{batch}] (one seed per row), "
                 f"got shape {list(seed.shape)}"
             )
-        _check_row_option("seed", seed, batch, device, integer=True)
+        check_row_option("seed", seed, batch, device, integer=True)
     elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed: expected an int in [-2**63, 2**63) or a [{batch}] integer tensor, got {seed!r}")
 
@@ -111,7 +111,7 @@ def _validate(pilot_logits, copilot_out, lam, fusion, temperature, top_k, top_p,
     lam = _validate_lam(lam, batch, device)
     check_choice("fusion", fusion, FUSIONS)
     if isinstance(temperature, torch.Tensor):
-        _check_row_option("temperature", temperature, batch, device, integer=False)
+        check_row_option("temperature", temperature, batch, device, integer=False)
     else:
         temperature = check_float32_range("temperature", check_finite("temperature", temperature))
         if temperature < 0 or 0 < temperature < FLOAT32_TINY:
@@ -121,13 +121,13 @@ def _validate(pilot_logits, copilot_out, lam, fusion, temperature, top_k, top_p,
                 f"temperature: expected 0 (greedy) or a finite number >= {FLOAT32_TINY:.4g}, got {temperature!r}"
             )
     if isinstance(top_k, torch.Tensor):
-        _check_row_option("top_k", top_k, batch, device, integer=True)
+        check_row_option("top_k", top_k, batch, device, integer=True)
     elif not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k!r}")
     else:
         top_k = int(top_k)
     if isinstance(top_p, torch.Tensor):
-        _check_row_option("top_p", top_p, batch, device, integer=False)
+        check_row_option("top_p", top_p, batch, device, integer=False)
     else:
         top_p = check_finite("top_p", top_p)
         if not 0.0 < top_p <= 1.0:

@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .api import check_row_values
+from .api import check_row_option, check_row_values
 from .triton_split import fused_tile, philox_uniforms, row_softmax_stats, split_rows_next_token
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -305,17 +305,7 @@ def _rectified_next_token_kernel(
 def _per_row(name, value, batch, device, dtype, is_int=False):
     """A [B] tensor from a scalar or a [B] (or 0-d) tensor; checks shape and dtype, never values (no sync)."""
     if isinstance(value, torch.Tensor):
-        if value.dim() not in (0, 1) or (value.dim() == 1 and value.shape[0] != batch):
-            raise ValueError(
-                f"{name}: expected a number or a tensor of shape [{batch}] (one per row), "
-                f"got shape {list(value.shape)}"
-            )
-        if value.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (like pilot_logits), got {value.device}")
-        if is_int and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
-            raise ValueError(f"{name}: expected an integer tensor, got {value.dtype}")
-        if not is_int and not value.dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+        check_row_option(name, value, batch, device, integer=is_int)
         return value.reshape(-1).expand(batch).to(dtype).contiguous()
     return torch.full((batch,), value, dtype=dtype, device=device)
 
