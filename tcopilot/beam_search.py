@@ -7,7 +7,7 @@ so that with ``lam=0`` the tokens equal ``pilot.generate(num_beams=k, do_sample=
 1. Every prompt row is repeated ``k`` times (``[B*k, L]``) and prefilled; beam 0 starts at score 0, the
    others at ``-1e9`` (so the first step draws its candidates from one beam).
 2. A step scores every ``(beam, token)`` with ``beam score + log p~(token)`` and keeps the best
-   ``K = max(2, 1 + #eos) * k`` candidates per row (``torch.topk``).
+   ``K = max(2, 1 + #eos) * k`` candidates per row (``torch.topk``; at most all ``k * V`` of them).
 3. A candidate "hits" when its token is an EOS id or when it is the last allowed token
    (``max_new_tokens``). Hits among the top ``k`` of the ``K`` become finished hypotheses with score
    ``sum log p~ / new_tokens ** length_penalty``; a row keeps its ``k`` best finished hypotheses. The ``k``
@@ -89,8 +89,12 @@ def beam_search(
     k, steps = num_beams, max_new_tokens
     device = input_ids.device
     use_copilot = _uses_copilot(model, lam)
+    # HF's candidate count: among the top (1 + #eos) * k, at least k do not hit EOS (a beam has at most #eos EOS
+    # tokens). It is clamped to the k * V candidates that exist at the first step (an EOS list as long as the
+    # vocabulary, or with repeated ids, asks for more; topk would fail): all of them are then kept, which
+    # includes every non-hitting one, so the choice is the one an unbounded count would make. Where the count
+    # fits (every case HF runs), nothing changes.
     n_keep = max(2, 1 + len(eos_token_ids)) * k
-    top_k_mask = torch.arange(n_keep, device=device) < k
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     offsets = (torch.arange(bsz, device=device) * k)[:, None]
 
@@ -111,6 +115,9 @@ def beam_search(
             logp = beam_log_probs(dec.z, dec.copilot_out(), lam, fusion)
             vocab = logp.shape[-1]
             cand = (logp.view(bsz, k, vocab) + run_scores[:, :, None]).view(bsz, k * vocab)
+            if t == 0:
+                n_keep = min(n_keep, k * vocab)
+                top_k_mask = torch.arange(n_keep, device=device) < k
             top_scores, top_idx = torch.topk(cand, n_keep, dim=-1)
             src, tok = top_idx // vocab, top_idx % vocab
             top_seq = _gather(run_seq, src)

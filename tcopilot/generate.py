@@ -36,11 +36,13 @@ covers response tokens only.
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import torch
 from torch import nn
 
-from tcopilot._validation import FLOAT_DTYPES, IMPLS, check_choice, check_finite
+from tcopilot._validation import FLOAT32_TINY, FLOAT_DTYPES, IMPLS, check_choice, check_finite, check_int
 from tcopilot.kernels.rectified_decode_head import rectified_decode_head
 from tcopilot.kernels.rectified_next_token import rectified_next_token
 from tcopilot.pilot import lm_head_operands, pilot_backbone, pilot_states, positions_from_mask, run_base
@@ -132,9 +134,12 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
     Returns a dict with ``max_new_tokens``, ``do_sample`` (bool), ``temperature`` (0.0 when greedy),
     ``top_k``, ``top_p``, ``num_beams``, ``length_penalty`` (default 1.0), ``early_stopping`` (True, False or
     ``"never"``; default False, as ``GenerationConfig``), ``eos_token_ids`` (a list, maybe empty) and
-    ``pad_token_id``. Raises ValueError for beam sampling (``num_beams > 1`` with ``do_sample``), a
-    non-positive temperature with sampling, and config fields that would change the output but are not
-    implemented here.
+    ``pad_token_id``. Raises ValueError, naming the option, for a value of the wrong type (checked before any
+    conversion: ints are ``numbers.Integral`` and numbers ``numbers.Real``, Python or numpy, never bools; flags
+    are bools), out of range (negative ids, ``length_penalty`` that beam search cannot hold, see
+    :func:`generate`), beam sampling (``num_beams > 1`` with ``do_sample``), a non-positive temperature with
+    sampling, and config fields that would change the output but are not implemented here. Token ids are
+    checked against the vocabulary by :func:`generate`, which knows the model.
     """
     opts: dict = {}
     if generation_config is not None:
@@ -154,37 +159,46 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
             if value is not None:
                 opts[name] = value
         if "max_new_tokens" not in opts and getattr(generation_config, "max_length", None) is not None:
-            opts["max_new_tokens"] = max(0, int(generation_config.max_length) - input_length)
+            max_length = check_int("max_length", generation_config.max_length, low=0, what="an int >= 0")
+            opts["max_new_tokens"] = max(0, max_length - input_length)
     unknown = set(kwargs) - set(GENERATION_FIELDS)
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
     opts.update({k: v for k, v in kwargs.items() if v is not None})
 
-    max_new_tokens = opts.get("max_new_tokens", 32)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    # Types are checked before any conversion (int(2.7) is 2, bool("no") is True, float(True) is 1.0): integers are
+    # numbers.Integral but not bools (numpy ints too), numbers are numbers.Real but not bools (numpy floats too).
+    max_new_tokens = check_int("max_new_tokens", opts.get("max_new_tokens", 32), low=0, what="an int >= 0")
     temperature = opts.get("temperature")
+    if temperature is not None:
+        temperature = check_finite("temperature", temperature)
     do_sample = opts.get("do_sample")
     if do_sample is None:  # the pre-GenerationConfig convention: temperature > 0 samples, 0 is greedy
         do_sample = temperature is not None and temperature > 0
-    do_sample = bool(do_sample)
-    num_beams = opts.get("num_beams", 1)
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams: expected an int >= 1, got {num_beams!r}")
+    do_sample = _check_bool("do_sample", do_sample, "True, False or None")
+    num_beams = check_int("num_beams", opts.get("num_beams", 1), low=1, what="an int >= 1")
     if num_beams > 1 and do_sample:
         raise ValueError(
             f"num_beams: beam sampling (num_beams > 1 with do_sample=True) is not implemented, got "
             f"num_beams={num_beams!r}; use do_sample=False (beam search) or num_beams=1 (sampling)"
         )
     length_penalty = check_finite("length_penalty", opts.get("length_penalty", 1.0))
+    if num_beams > 1 and max_new_tokens > 1 and abs(length_penalty) * math.log(max_new_tokens) > _LOG_FP32_NORMAL:
+        # Beam search divides fp32 scores by the Python float n ** length_penalty for n = 1 .. max_new_tokens
+        # (exactly HF's formula, so lam=0 keeps matching pilot.generate): that divisor must be a normal fp32 number
+        # (past the range n ** p overflows, OverflowError in Python, or rounds to inf / 0 in fp32, which turns every
+        # finished score into 0 or -inf). |p| * log(max_new_tokens) <= log(1 / fp32 tiny) ~ 87.3 keeps it so.
+        limit = _LOG_FP32_NORMAL / math.log(max_new_tokens)
+        raise ValueError(
+            f"length_penalty: expected a finite number with |length_penalty| <= {limit:.4g} for "
+            f"max_new_tokens={max_new_tokens} (max_new_tokens ** |length_penalty| must stay within the float32 "
+            f"range of the beam scores), got {length_penalty!r}"
+        )
     early_stopping = opts.get("early_stopping", False)
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping: expected True, False or 'never', got {early_stopping!r}")
-    if early_stopping != "never":
-        early_stopping = bool(early_stopping)
+    if not (isinstance(early_stopping, str) and early_stopping == "never"):
+        early_stopping = _check_bool("early_stopping", early_stopping, "True, False or 'never'")
     if do_sample:
         temperature = 1.0 if temperature is None else temperature
-        check_finite("temperature", temperature)
         if temperature <= 0:
             raise ValueError(
                 f"temperature: expected a number > 0 with do_sample=True, got {temperature!r}; "
@@ -192,15 +206,53 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
             )
     else:
         temperature = 0.0  # greedy whatever the temperature (GenerationConfig semantics)
+    top_k = check_int("top_k", opts.get("top_k", 0), low=0, what="an int >= 0 (0 = off)")
+    top_p = check_finite("top_p", opts.get("top_p", 1.0))  # its range (0, 1] is the sampler's check
     eos = opts.get("eos_token_id")
-    eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    eos_list = eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    eos_ids = [check_int("eos_token_id", e, low=0, what="an int id >= 0 or a list of them") for e in eos_list]
     pad = opts.get("pad_token_id")
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0
+    pad = (eos_ids[0] if eos_ids else 0) if pad is None else check_int("pad_token_id", pad, low=0,
+                                                                        what="an int id >= 0")
     return dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=float(temperature),
-                top_k=int(opts.get("top_k", 0)), top_p=float(opts.get("top_p", 1.0)), num_beams=num_beams,
-                length_penalty=float(length_penalty), early_stopping=early_stopping,
-                eos_token_ids=eos_ids, pad_token_id=int(pad))
+                top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+                early_stopping=early_stopping, eos_token_ids=eos_ids, pad_token_id=pad)
+
+
+# log(1 / smallest normal fp32) ~ 87.34: the bound on |length_penalty| * log(max_new_tokens) (beam search).
+_LOG_FP32_NORMAL = -math.log(FLOAT32_TINY)
+
+
+def _check_bool(name: str, value, what: str) -> bool:
+    """A flag as a Python bool: ``bool`` or ``numpy.bool_`` only (``bool("no")`` would be True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return bool(value)
+
+
+def _vocab_size(model) -> int | None:
+    """Rows of the Pilot's LM head (the ids it can emit), else its config's ``vocab_size``; None if unknown."""
+    head = model.pilot.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] > 0:
+        return int(weight.shape[0])
+    vocab = getattr(getattr(model.pilot, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and vocab > 0 else None
+
+
+def _check_token_ids(model, eos_ids: list[int], pad_token_id: int) -> None:
+    """EOS and pad ids must be ids of the Pilot's vocabulary: a pad id is fed back into its embedding once a row
+    has finished (an IndexError deep inside torch otherwise), an EOS id outside it could never be emitted."""
+    vocab = _vocab_size(model)
+    if vocab is None:
+        return
+    for e in eos_ids:
+        if e >= vocab:
+            raise ValueError(f"eos_token_id: expected ids in [0, {vocab}) (the Pilot's vocabulary), got {e}")
+    if pad_token_id >= vocab:
+        raise ValueError(
+            f"pad_token_id: expected an id in [0, {vocab}) (the Pilot's vocabulary), got {pad_token_id}"
+        )
 
 
 # Families whose Hugging Face ``generate`` passes no attention mask after the prompt (their
@@ -321,6 +373,16 @@ def _check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
         return torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    # Decoding appends after the last position of every row, so a row must end with its prompt: a 0 after a 1
+    # (right padding) would continue from a padding position. One host synchronisation per call.
+    real = attention_mask != 0
+    after = ~real & (real.cumsum(dim=1) > 0)
+    if bool(after.any()):
+        row = int(after.any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask: expected left-padded prompts (all 0s before the first 1 of a row), got a 0 after a 1 "
+            f"in row {row}; pad prompts on the left (tokenizer.padding_side = 'left')"
+        )
     return attention_mask
 
 
@@ -369,7 +431,8 @@ def generate(
     Args:
         model: a :class:`tcopilot.TransformerCopilot` (its ``copilot`` may be None: Pilot alone). The Pilot may
             be a ``peft`` LoRA model.
-        input_ids / attention_mask: ``[B, L]`` prompts, left-padded when lengths differ.
+        input_ids / attention_mask: ``[B, L]`` prompts, left-padded when lengths differ (a right-padded mask
+            raises a ValueError: decoding continues after each row's last position).
         max_new_tokens: how many tokens to add at most (default 32; all rows stop early once every row hit
             EOS). From a config without ``max_new_tokens``, ``max_length - L``.
         lam: the Copilot's weight lambda; ``lam=0`` gives exactly the Pilot's own tokens (the Copilot
@@ -410,10 +473,16 @@ def generate(
             ``rectified_next_token(impl=impl)``; see the module docstring.
 
     Raises:
-        ValueError: naming the option, for bad shapes (``input_ids``, ``attention_mask``), a non-finite ``lam``,
-            an unknown ``fusion`` or ``impl``, bad decoding options (``max_new_tokens``, ``temperature``,
-            ``top_k``, ``top_p``, ``num_beams``, beam sampling) and ``generation_config`` fields that would
-            change the output but are not implemented.
+        ValueError: naming the option, for bad shapes (``input_ids``, ``attention_mask``), an ``attention_mask``
+            that is not left-padded (a 0 after a 1 in a row), a non-finite ``lam``, an unknown ``fusion`` or
+            ``impl``, bad decoding options, checked before any conversion: ``max_new_tokens``, ``num_beams``,
+            ``top_k`` not ints (Python or numpy, not bools) in range; ``temperature``, ``top_p``,
+            ``length_penalty`` not finite numbers (nor bools); ``do_sample`` / ``early_stopping`` not bools
+            (``early_stopping`` also ``"never"``); ``eos_token_id`` / ``pad_token_id`` not ints (or a list of
+            ints) in ``[0, V)`` for the Pilot's vocabulary size ``V`` (its LM head's rows); with ``num_beams > 1``
+            a ``length_penalty`` with ``max_new_tokens ** |length_penalty|`` past the float32 range (about
+            ``|length_penalty| * ln(max_new_tokens) > 87.3``); beam sampling; ``seed``; and
+            ``generation_config`` fields that would change the output but are not implemented.
         TypeError: an unknown keyword (as ``PreTrainedModel.generate`` would).
     """
     attention_mask = _check_prompts(input_ids, attention_mask)
@@ -424,6 +493,7 @@ def generate(
     )
     max_new_tokens, temperature, top_k, top_p = o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"]
     eos_ids, pad_token_id = o["eos_token_ids"], o["pad_token_id"]
+    _check_token_ids(model, eos_ids, pad_token_id)
     check_finite("lam", lam)
     check_choice("fusion", fusion, ("probs", "logits"))
     check_choice("impl", impl, IMPLS)
@@ -550,6 +620,7 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     o = resolve_generation_options(input_ids.shape[1], options.pop("generation_config", None), **options)
     if o["num_beams"] != 1:
         raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")
+    _check_token_ids(model, o["eos_token_ids"], o["pad_token_id"])
     if o["max_new_tokens"] == 0:
         return {setting: input_ids for setting in settings}
     uses = {setting: _uses_copilot(model, setting[0]) for setting in settings}

@@ -185,3 +185,35 @@ def test_bad_beam_options_raise():
         model.generate(ids, max_new_tokens=2, num_beams=2, early_stopping="sometimes")
     with pytest.raises(ValueError, match="length_penalty"):
         model.generate(ids, max_new_tokens=2, num_beams=2, length_penalty=float("inf"))
+
+
+def test_length_penalty_past_float32_range_raises():
+    """The finished score divides by n ** length_penalty (n up to max_new_tokens): 1e300 overflowed in Python
+    (OverflowError), a smaller excess would turn into inf / 0 in fp32."""
+    model = tiny_pair("llama")
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=3, num_beams=2)
+    for lp in (1e300, -1e300, 80.0, -80.0):  # ln(3) * 80 = 87.9 > ln(1 / fp32 tiny) = 87.3
+        with pytest.raises(ValueError, match="length_penalty: expected a finite number with \\|length_penalty\\|"):
+            model.generate(ids, length_penalty=lp, **kw)
+    for lp in (79.0, -79.0, 2.0):
+        assert model.generate(ids, length_penalty=lp, **kw).shape[0] == 3
+    # unused without beams; a one-token search divides by 1 ** p = 1
+    assert model.generate(ids, length_penalty=1e300, attention_mask=mask, max_new_tokens=3).shape == (3, 9)
+    assert model.generate(ids, length_penalty=1e300, attention_mask=mask, max_new_tokens=1, num_beams=2).shape == (3, 7)
+
+
+def test_eos_lists_longer_than_the_candidates():
+    """(1 + #eos) * k candidates can exceed the k * V that exist (every id an EOS, repeated ids): topk failed
+    ("selected index k out of range"); the count is clamped, with the result of an unbounded count."""
+    model = tiny_pair("llama")
+    ids, mask = _prompts()
+    L, k = ids.shape[1], 2
+    kw = dict(attention_mask=mask, max_new_tokens=5, num_beams=k, pad_token_id=PAD)
+    every = model.generate(ids, eos_token_id=list(range(97)), **kw)  # every first token finishes its hypothesis
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=1)  # the best first token (greedy)
+    assert torch.equal(every, first)
+    eos = _eos_that_hits(model, ids, mask, k, 5, lam=1.0)
+    once = model.generate(ids, eos_token_id=eos, **kw)
+    assert torch.equal(model.generate(ids, eos_token_id=[eos] * 200, **kw), once)
+    assert (once[:, L:] == eos).any(), "no hypothesis hit EOS: the comparison is vacuous"

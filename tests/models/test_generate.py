@@ -195,3 +195,98 @@ def test_generate_settings_with_seed_equals_generate():
     got = generate_settings(model, ids, settings, **kw)
     for lam, fusion in settings:
         assert torch.equal(got[(lam, fusion)], generate(model, ids, lam=lam, fusion=fusion, **kw))
+
+
+def test_right_padded_attention_mask_raises():
+    """A 0 after a 1 in a row (right padding) would make the row continue from a padding position."""
+    from tcopilot.generate import generate_settings
+
+    model = tiny_pair("llama")
+    ids, mask = _prompts()
+    right = mask.flip(1)  # rows 1 and 2 padded on the right
+    with pytest.raises(ValueError, match="attention_mask: expected left-padded prompts.*row 1"):
+        model.generate(ids, attention_mask=right, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask: expected left-padded"):
+        generate_settings(model, ids, [(1.0, "probs")], attention_mask=right.bool(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask: expected left-padded"):
+        model.generate(ids, attention_mask=right, max_new_tokens=2, num_beams=2)
+    holes = torch.ones_like(mask)
+    holes[0, 2] = 0  # a hole inside the prompt is not left padding either
+    with pytest.raises(ValueError, match="attention_mask.*row 0"):
+        model.generate(ids, attention_mask=holes, max_new_tokens=2)
+    empty = mask.clone()
+    empty[2] = 0  # an all-padding row is left-padded (all its 0s come first)
+    assert model.generate(ids, attention_mask=empty, max_new_tokens=2).shape == (3, ids.shape[1] + 2)
+
+
+def test_token_ids_checked_against_vocabulary():
+    """EOS and pad ids outside [0, V): a ValueError naming them (a pad id was fed into the embedding once a
+    row had finished, an IndexError inside torch)."""
+    from tcopilot.generate import generate_settings
+
+    model = tiny_pair("llama")  # V = 97
+    ids, mask = _prompts()
+    eos = int(model.generate(ids, attention_mask=mask, max_new_tokens=1)[0, -1])  # row 0 finishes at once
+    kw = dict(attention_mask=mask, max_new_tokens=3)
+    for bad in (-1, 97, 200):
+        with pytest.raises(ValueError, match=f"pad_token_id: expected an (int )?id .*got {bad}"):
+            model.generate(ids, eos_token_id=eos, pad_token_id=bad, **kw)
+    for bad in (97, [eos, 97], [-1], list(range(200, 400))):
+        with pytest.raises(ValueError, match="eos_token_id: expected"):
+            model.generate(ids, eos_token_id=bad, **kw)
+    with pytest.raises(ValueError, match="eos_token_id: expected ids in \\[0, 97\\)"):
+        model.generate(ids, eos_token_id=97, num_beams=2, **kw)
+    with pytest.raises(ValueError, match="pad_token_id: expected an id in \\[0, 97\\)"):
+        generate_settings(model, ids, [(1.0, "probs")], eos_token_id=eos, pad_token_id=97, **kw)
+    out = model.generate(ids, eos_token_id=eos, pad_token_id=96, **kw)  # the last id is fine
+    assert out[0, -1] == 96
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("top_k", 2.7, "top_k: expected an int >= 0"), ("top_k", True, "top_k: expected an int"),
+    ("top_k", "x", "top_k: expected an int"), ("top_k", torch.tensor([1, 2, 3]), "top_k: expected an int"),
+    ("top_k", -1, "top_k: expected an int >= 0"), ("top_p", True, "top_p: expected a finite number"),
+    ("top_p", "x", "top_p: expected a finite number"), ("top_p", float("nan"), "top_p"),
+    ("do_sample", "no", "do_sample: expected True, False or None"), ("do_sample", 1, "do_sample"),
+    ("temperature", "hot", "temperature: expected a finite number"), ("temperature", True, "temperature"),
+    ("eos_token_id", 3.7, "eos_token_id: expected an int"), ("eos_token_id", [None], "eos_token_id"),
+    ("eos_token_id", [2, True], "eos_token_id"), ("pad_token_id", 2.0, "pad_token_id: expected an int"),
+    ("max_new_tokens", 2.0, "max_new_tokens: expected an int >= 0"), ("num_beams", 2.0, "num_beams"),
+    ("num_beams", True, "num_beams"), ("early_stopping", 1, "early_stopping: expected True, False or 'never'"),
+    ("early_stopping", "no", "early_stopping"), ("length_penalty", True, "length_penalty"),
+])  # fmt: skip
+def test_generation_options_are_checked_before_conversion(option, value, match):
+    """int()/float()/bool() used to coerce first: top_k=2.7 ran with 2, do_sample='no' sampled, eos 3.7 was 3,
+    top_k='x' failed inside int() without naming the option."""
+    from tcopilot.generate import resolve_generation_options
+
+    with pytest.raises(ValueError, match=match):
+        resolve_generation_options(6, **{option: value})
+    if option in ("top_k", "do_sample", "eos_token_id"):  # and through generate
+        model = tiny_pair("llama")
+        ids, mask = _prompts()
+        with pytest.raises(ValueError, match=match):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, temperature=1.0, **{option: value})
+
+
+def test_numpy_scalars_and_generation_config_values_accepted():
+    np = pytest.importorskip("numpy")
+    from transformers import GenerationConfig
+
+    from tcopilot.generate import resolve_generation_options
+
+    o = resolve_generation_options(6, max_new_tokens=np.int64(3), num_beams=np.int32(2), top_k=np.int64(4),
+                                   top_p=np.float32(0.5), do_sample=np.bool_(False), early_stopping=np.bool_(True),
+                                   eos_token_id=[np.int64(5), 7], pad_token_id=np.int16(1))
+    assert o == dict(max_new_tokens=3, do_sample=False, temperature=0.0, top_k=4, top_p=0.5, num_beams=2,
+                     length_penalty=1.0, early_stopping=True, eos_token_ids=[5, 7], pad_token_id=1)
+    assert all(type(o[k]) is int for k in ("max_new_tokens", "num_beams", "top_k", "pad_token_id"))
+    assert type(o["do_sample"]) is bool and type(o["early_stopping"]) is bool
+    cfg = GenerationConfig(max_length=10, num_beams=3, early_stopping="never", eos_token_id=[2, 3], top_k=50)
+    o = resolve_generation_options(6, cfg)
+    assert (o["max_new_tokens"], o["num_beams"], o["early_stopping"], o["eos_token_ids"]) == (4, 3, "never", [2, 3])
+    assert resolve_generation_options(6, GenerationConfig(eos_token_id=4))["pad_token_id"] == 4
+    model = tiny_pair("llama")
+    ids, mask = _prompts()
+    a = model.generate(ids, attention_mask=mask, max_new_tokens=np.int64(3), num_beams=np.int64(2))
+    assert torch.equal(a, model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2))
