@@ -14,12 +14,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from tcopilot._validation import IMPLS, check_choice, check_finite, check_int
 from tcopilot.kernels.log_attention import log_attention
+
+
+def _check_bool(name: str, value) -> bool:
+    # Python and numpy bools (np.True_ is no bool subclass); not ints, not strings.
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
+def _check_positive(name: str, value) -> float:
+    value = check_finite(name, value)
+    if not value > 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return value
 
 
 class CopilotConfig(PretrainedConfig):
@@ -41,8 +57,12 @@ class CopilotConfig(PretrainedConfig):
         initializer_range: standard deviation of the normal initialisation of the linear layers.
 
     Raises:
-        ValueError: ``hidden_size`` not a multiple of ``num_attention_heads``, or ``num_key_value_heads`` not a
-            divisor of ``num_attention_heads``.
+        ValueError: a size that is not an int >= 1 (Python or numpy; ``None`` picks the default where
+            allowed), ``hidden_size`` not a multiple of ``num_attention_heads``, ``num_key_value_heads`` not a
+            divisor of ``num_attention_heads``, an odd head dimension with ``use_rope``, ``rms_norm_eps`` or
+            ``rope_theta`` not a finite number > 0, ``initializer_range`` not finite and >= 0, a non-bool
+            ``use_rope`` / ``attention_bias``, or ``attention_impl`` not one of ``"auto"``, ``"torch"``,
+            ``"triton"``.
     """
 
     model_type = "tcopilot"
@@ -64,6 +84,18 @@ class CopilotConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
+        vocab_size = check_int("vocab_size", vocab_size, low=1, what="an int >= 1")
+        hidden_size = check_int("hidden_size", hidden_size, low=1, what="an int >= 1")
+        num_hidden_layers = check_int("num_hidden_layers", num_hidden_layers, low=1, what="an int >= 1")
+        num_attention_heads = check_int("num_attention_heads", num_attention_heads, low=1, what="an int >= 1")
+        if num_key_value_heads is not None:
+            num_key_value_heads = check_int(
+                "num_key_value_heads", num_key_value_heads, low=1, what="an int >= 1 or None"
+            )
+        if pilot_hidden_size is not None:
+            pilot_hidden_size = check_int("pilot_hidden_size", pilot_hidden_size, low=1, what="an int >= 1 or None")
+        if intermediate_size is not None:
+            intermediate_size = check_int("intermediate_size", intermediate_size, low=1, what="an int >= 1 or None")
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size: expected a multiple of num_attention_heads={num_attention_heads}, got {hidden_size}"
@@ -74,6 +106,19 @@ class CopilotConfig(PretrainedConfig):
                 f"num_key_value_heads: expected a divisor of num_attention_heads={num_attention_heads}, "
                 f"got {num_key_value_heads}"
             )
+        use_rope = _check_bool("use_rope", use_rope)
+        attention_bias = _check_bool("attention_bias", attention_bias)
+        if use_rope and (hidden_size // num_attention_heads) % 2 != 0:
+            raise ValueError(
+                f"use_rope: rotary embeddings need an even head dimension, got hidden_size={hidden_size} / "
+                f"num_attention_heads={num_attention_heads} = {hidden_size // num_attention_heads}"
+            )
+        rms_norm_eps = _check_positive("rms_norm_eps", rms_norm_eps)
+        rope_theta = _check_positive("rope_theta", rope_theta)
+        initializer_range = check_finite("initializer_range", initializer_range)
+        if initializer_range < 0:
+            raise ValueError(f"initializer_range: expected a finite number >= 0, got {initializer_range!r}")
+        check_choice("attention_impl", attention_impl, IMPLS)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -85,7 +130,7 @@ class CopilotConfig(PretrainedConfig):
         self.use_rope = use_rope
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
-        self.attention_impl = attention_impl
+        self.attention_impl = str(attention_impl)
         self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)

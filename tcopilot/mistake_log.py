@@ -43,7 +43,10 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from tcopilot._validation import check_int
 
 POOLED_DTYPES = ("bfloat16", "float16", "int8", "float32")
 TOPK_DTYPES = ("float32", "float16", "bfloat16")
@@ -179,7 +182,8 @@ class LogEntry:
 
 # ---------------------------------------------------------------------------------------------- the buffer
 def _check_choice(name, value, choices):
-    if value not in choices:
+    # names as str (np.str_ is one): torch.float32 or a list is refused with the same message
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
 
 
@@ -213,14 +217,20 @@ class MistakeLog:
     def __init__(self, capacity: int = 128, max_bytes: int = 1 << 30, topk: int = 32,
                  pooled_dtype: str | None = "bfloat16", topk_dtype: str = "float32", seed: int = 0,
                  pin_memory: bool | None = None, ignore_index: int = -100):
-        for name, v, lo in (("capacity", capacity, 1), ("max_bytes", max_bytes, 1), ("topk", topk, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        # Python and numpy ints (numbers.Integral, not bools), stored as Python ints (the config is saved as JSON).
+        capacity = check_int("capacity", capacity, low=1, what="an int >= 1")
+        max_bytes = check_int("max_bytes", max_bytes, low=1, what="an int >= 1")
+        topk = check_int("topk", topk, low=1, what="an int >= 1")
+        # torch.Generator.manual_seed takes any int in [-2**63, 2**64)
+        seed = check_int("seed", seed, low=-(2**63), high=2**64 - 1, what="an int in [-2**63, 2**64)")
+        ignore_index = check_int("ignore_index", ignore_index, what="an int (within int64)")
         if pooled_dtype is not None:
             _check_choice("pooled_dtype", pooled_dtype, POOLED_DTYPES)
         _check_choice("topk_dtype", topk_dtype, TOPK_DTYPES)
+        if pin_memory is not None and not isinstance(pin_memory, (bool, np.bool_)):
+            raise ValueError(f"pin_memory: expected a bool or None, got {pin_memory!r}")
         self.capacity, self.max_bytes, self.topk = capacity, max_bytes, topk
-        self.pooled_dtype, self.topk_dtype = pooled_dtype, topk_dtype
+        self.pooled_dtype, self.topk_dtype = str(pooled_dtype) if pooled_dtype is not None else None, str(topk_dtype)
         self.seed, self.ignore_index = seed, ignore_index
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.generator = torch.Generator().manual_seed(seed)
@@ -292,6 +302,10 @@ class MistakeLog:
         Returns:
             ``True`` when stored; ``False`` when the entry alone exceeds ``max_bytes`` (``dropped``).
         """
+        if ignore_index is not None:
+            ignore_index = check_int("ignore_index", ignore_index, what="an int (within int64) or None")
+        if step is not None:
+            step = check_int("step", step, what="an int or None")
         b, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -17,12 +17,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tcopilot._validation import IMPLS, check_choice
 from tcopilot.copilot import Copilot
 from tcopilot.kernels.copilot_error_loss import copilot_error_loss
 from tcopilot.kernels.logit_capture import logit_capture
+from tcopilot.mistake_log import MistakeLog
 
 IGNORE_INDEX = -100
 LOG_MODES = ("online", "replay")
+# What an embedding lookup takes as indices (and logit_capture as labels).
+ID_DTYPES = (torch.int64, torch.int32)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _input_vocab_size(pilot: nn.Module) -> int | None:
+    """Rows of the Pilot's input embedding (None when it has no plain one to read)."""
+    try:
+        emb = pilot.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(emb, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -318,6 +336,11 @@ class TransformerCopilot(nn.Module):
     a default ``MistakeLog()`` is created when none is given. Outside training, replay mode computes the
     exact online Copilot loss of the given batch.
 
+    ``impl``, ``log_mode`` and ``mistake_log`` are checked when given and whenever assigned later (ValueError).
+    ``forward`` checks the shapes, dtypes and devices of its tensors, and on CPU also that the ids are inside the
+    Pilot's input embedding (on an accelerator that would cost a host synchronisation per step, so it is left to
+    the embedding's own index check there).
+
     ``impl`` (``"auto"``, ``"torch"``, ``"triton"``) is passed to the fused ops; with ``"triton"``,
     :func:`tcopilot.copilot_error_loss`, which has no Triton kernel, runs its PyTorch path (as ``"auto"`` does).
     """
@@ -328,13 +351,9 @@ class TransformerCopilot(nn.Module):
         self.pilot = pilot
         self.copilot = copilot
         self.impl = impl
-        if log_mode not in LOG_MODES:
-            raise ValueError(f"log_mode: expected one of {LOG_MODES}, got {log_mode!r}")
-        if log_mode == "replay" and mistake_log is None:
-            from tcopilot.mistake_log import MistakeLog
-
-            mistake_log = MistakeLog()
         self.log_mode = log_mode
+        if log_mode == "replay" and mistake_log is None:
+            mistake_log = MistakeLog()
         self.mistake_log = mistake_log
         find_decoder_layers(pilot)  # fail early with a clear message
         _check_lm_head(pilot)
@@ -354,6 +373,37 @@ class TransformerCopilot(nn.Module):
                     f"got {copilot.config.pilot_hidden_size}; build it for this Pilot with Copilot.from_pilot(pilot)"
                 )
 
+    # ``impl``, ``log_mode`` and ``mistake_log`` stay assignable attributes (benchmarks and the Trainer set them after
+    # construction); the setters check every assignment, so a bad value fails where it is given, not at a later
+    # forward (or never: generate does not read ``mistake_log``).
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        check_choice("impl", value, IMPLS)
+        self._impl = value
+
+    @property
+    def log_mode(self) -> str:
+        return self._log_mode
+
+    @log_mode.setter
+    def log_mode(self, value: str) -> None:
+        check_choice("log_mode", value, LOG_MODES)
+        self._log_mode = value
+
+    @property
+    def mistake_log(self) -> MistakeLog | None:
+        return self._mistake_log
+
+    @mistake_log.setter
+    def mistake_log(self, value: MistakeLog | None) -> None:
+        if value is not None and not isinstance(value, MistakeLog):
+            raise ValueError(f"mistake_log: expected a tcopilot.MistakeLog or None, got {type(value).__name__}")
+        self._mistake_log = value
+
     @property
     def softcap(self) -> float | None:
         return getattr(self.pilot.config, "final_logit_softcapping", None)
@@ -365,16 +415,11 @@ class TransformerCopilot(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, ignore_index: int = IGNORE_INDEX,
                 num_items_in_batch: int | None = None) -> CopilotOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() == 0:
-            raise ValueError(f"input_ids: expected a non-empty batch, got shape {tuple(input_ids.shape)}")
+        self._check_inputs(input_ids, attention_mask, labels)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, ignore_index)
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         bsz, length = input_ids.shape
         _check_gathered(self)
         pos = positions_from_mask(attention_mask)
@@ -430,6 +475,38 @@ class TransformerCopilot(nn.Module):
             ignore_index=ignore_index, impl="auto" if self.impl == "triton" else self.impl,
         )
         return CopilotOutput(cap.loss + copilot_loss, cap.loss, copilot_loss, n_tok)
+
+    def _check_inputs(self, input_ids, attention_mask, labels) -> None:
+        """Shapes, dtypes and devices of ``forward``'s tensors (no host synchronisation on CUDA)."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids: expected a torch.Tensor [batch, length], got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids: expected a non-empty batch, got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in ID_DTYPES:
+            raise ValueError(f"input_ids: expected token ids of dtype int64 or int32, got {_dtype_name(input_ids)}")
+        shape = tuple(input_ids.shape)
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name}: expected a torch.Tensor of shape {shape} (like input_ids), got "
+                                 f"{type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape} (like input_ids), got {tuple(t.shape)}")
+            if t.device != input_ids.device:
+                raise ValueError(f"{name}: expected a tensor on {input_ids.device} (like input_ids), got {t.device}")
+        if labels is not None and labels.dtype not in ID_DTYPES:
+            raise ValueError(f"labels: expected token ids of dtype int64 or int32, got {_dtype_name(labels)}")
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            # The range check reads the ids on the host: free for CPU tensors, a synchronisation per step on an
+            # accelerator, where it is left out (as in Hugging Face models; the embedding's own index check fires).
+            vocab = _input_vocab_size(self.pilot)
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            if vocab is not None and (lo < 0 or hi >= vocab):
+                raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the Pilot's input embedding), "
+                                 f"got {lo if lo < 0 else hi}")
 
     def generate(self, input_ids, max_new_tokens=None, lam: float = 1.0, fusion: str = "probs", **kwargs):
         """Algorithm 2: see :func:`tcopilot.generate.generate` for every option (``GenerationConfig`` names;

@@ -237,3 +237,53 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="topk"):
         log.push(input_ids=torch.zeros(1, 4, dtype=torch.long), attention_mask=None,
                  targets=torch.tensor([1, 2, 3, -100]), capture=cap, pooled=torch.zeros(1, 4, 3))
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("seed", "x", "an int"),  # was a RuntimeError inside torch.Generator.manual_seed
+        ("seed", 1.5, "an int"),
+        ("seed", True, "an int"),
+        ("seed", 2**64, "an int"),
+        ("ignore_index", -100.5, "an int"),  # was accepted: no label ever matched it
+        ("ignore_index", "-100", "an int"),
+        ("ignore_index", 2**63, "an int"),
+        ("capacity", 1.0, "an int >= 1"),
+        ("max_bytes", -1, "an int >= 1"),
+        ("topk", True, "an int >= 1"),
+        ("topk_dtype", torch.float16, "one of"),
+        ("pooled_dtype", ["int8"], "one of"),
+        ("pin_memory", "no", "a bool or None"),  # bool("no") is True: silently pinned
+    ],
+)
+def test_constructor_rejects_bad_values_naming_them(name, value, expected):
+    with pytest.raises(ValueError, match=f"^{name}: expected {expected}"):
+        MistakeLog(**{name: value})
+
+
+def test_constructor_takes_numpy_ints_as_python_ints(tmp_path):
+    import numpy as np
+
+    log = MistakeLog(capacity=np.int64(4), max_bytes=np.int32(1 << 20), topk=np.int64(8), seed=np.uint64(7),
+                     ignore_index=np.int16(-1), pin_memory=np.False_)
+    for key, value in log.config().items():
+        assert type(value) in (int, str), (key, value)
+    assert (log.capacity, log.topk, log.seed, log.ignore_index, log.pin_memory) == (4, 8, 7, -1, False)
+    assert torch.equal(log.generator.get_state(), torch.Generator().manual_seed(7).get_state())
+    log.save(str(tmp_path))  # the config is JSON
+    assert MistakeLog.load(str(tmp_path)).config() == log.config()
+    MistakeLog(seed=-1)  # any int64 or uint64 seed, as torch.Generator takes
+
+
+def test_push_rejects_a_non_int_ignore_index():
+    import numpy as np
+
+    log = MistakeLog(topk=3, pooled_dtype=None)
+    y = torch.tensor([1, 2, 3, -100])
+    cap = logit_capture(torch.randn(4, 3), torch.randn(7, 3), y, topk=3)
+    with pytest.raises(ValueError, match="^ignore_index: expected an int"):
+        log.push(input_ids=torch.zeros(1, 4, dtype=torch.long), attention_mask=None, targets=y, capture=cap,
+                 ignore_index=-100.0)
+    assert log.push(input_ids=torch.zeros(1, 4, dtype=torch.long), attention_mask=None, targets=y, capture=cap,
+                    ignore_index=np.int64(-100))
