@@ -240,6 +240,22 @@ def _vocab_size(model) -> int | None:
     return vocab if isinstance(vocab, int) and vocab > 0 else None
 
 
+def _check_prompt_ids(model, input_ids: torch.Tensor) -> None:
+    """Prompt ids: an integer tensor of ids the Pilot's embedding holds (padding included: it is embedded too).
+    One host synchronisation per call; an IndexError deep inside ``torch.embedding`` otherwise."""
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids: expected an int64 or int32 tensor of token ids, got {input_ids.dtype}")
+    embedding = model.pilot.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return
+    lo, hi = (int(x) for x in torch.aminmax(input_ids))
+    if lo < 0 or hi >= rows:
+        raise ValueError(
+            f"input_ids: expected ids in [0, {rows}) (the Pilot's embedding), got {lo if lo < 0 else hi}"
+        )
+
+
 def _check_token_ids(model, eos_ids: list[int], pad_token_id: int) -> None:
     """EOS and pad ids must be ids of the Pilot's vocabulary: a pad id is fed back into its embedding once a row
     has finished (an IndexError deep inside torch otherwise), an EOS id outside it could never be emitted."""
@@ -473,8 +489,9 @@ def generate(
             ``rectified_next_token(impl=impl)``; see the module docstring.
 
     Raises:
-        ValueError: naming the option, for bad shapes (``input_ids``, ``attention_mask``), an ``attention_mask``
-            that is not left-padded (a 0 after a 1 in a row), a non-finite ``lam``, an unknown ``fusion`` or
+        ValueError: naming the option, for bad shapes (``input_ids``, ``attention_mask``), ``input_ids`` that are
+            not integer ids of the Pilot's embedding, an ``attention_mask`` that is not left-padded (a 0 after
+            a 1 in a row), a non-finite ``lam``, an unknown ``fusion`` or
             ``impl``, bad decoding options, checked before any conversion: ``max_new_tokens``, ``num_beams``,
             ``top_k`` not ints (Python or numpy, not bools) in range; ``temperature``, ``top_p``,
             ``length_penalty`` not finite numbers (nor bools); ``do_sample`` / ``early_stopping`` not bools
@@ -494,6 +511,7 @@ def generate(
     max_new_tokens, temperature, top_k, top_p = o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"]
     eos_ids, pad_token_id = o["eos_token_ids"], o["pad_token_id"]
     _check_token_ids(model, eos_ids, pad_token_id)
+    _check_prompt_ids(model, input_ids)
     check_finite("lam", lam)
     check_choice("fusion", fusion, ("probs", "logits"))
     check_choice("impl", impl, IMPLS)
@@ -621,6 +639,7 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     if o["num_beams"] != 1:
         raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")
     _check_token_ids(model, o["eos_token_ids"], o["pad_token_id"])
+    _check_prompt_ids(model, input_ids)
     if o["max_new_tokens"] == 0:
         return {setting: input_ids for setting in settings}
     uses = {setting: _uses_copilot(model, setting[0]) for setting in settings}

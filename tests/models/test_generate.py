@@ -290,3 +290,18 @@ def test_numpy_scalars_and_generation_config_values_accepted():
     ids, mask = _prompts()
     a = model.generate(ids, attention_mask=mask, max_new_tokens=np.int64(3), num_beams=np.int64(2))
     assert torch.equal(a, model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2))
+
+
+def test_prompt_ids_checked_against_the_embedding():
+    from tcopilot.generate import generate_settings
+
+    model = tiny_pair("llama")
+    ids, mask = _prompts()
+    for bad, match in ((ids.float(), "int64 or int32"), (ids.clone().fill_(97), r"\[0, 97\).*got 97"),
+                       (ids.clone().fill_(-1), "got -1")):  # fmt: skip
+        with pytest.raises(ValueError, match="input_ids") as err:
+            model.generate(bad, attention_mask=mask, max_new_tokens=2)
+        assert err.match(match)
+        with pytest.raises(ValueError, match="input_ids"):
+            generate_settings(model, bad, [(1.0, "probs")], attention_mask=mask, max_new_tokens=2)
+    assert model.generate(ids.int(), attention_mask=mask, max_new_tokens=2).shape[1] == ids.shape[1] + 2
