@@ -45,7 +45,14 @@ from torch import nn
 from tcopilot._validation import FLOAT32_TINY, FLOAT_DTYPES, IMPLS, check_choice, check_finite, check_int
 from tcopilot.kernels.rectified_decode_head import rectified_decode_head
 from tcopilot.kernels.rectified_next_token import rectified_next_token
-from tcopilot.pilot import lm_head_operands, pilot_backbone, pilot_states, positions_from_mask, run_base
+from tcopilot.pilot import (
+    input_vocab_size,
+    lm_head_operands,
+    pilot_backbone,
+    pilot_states,
+    positions_from_mask,
+    run_base,
+)
 
 
 def _pilot_logits(model, hidden_last: torch.Tensor) -> torch.Tensor:
@@ -245,9 +252,8 @@ def _check_prompt_ids(model, input_ids: torch.Tensor) -> None:
     One host synchronisation per call; an IndexError deep inside ``torch.embedding`` otherwise."""
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids: expected an int64 or int32 tensor of token ids, got {input_ids.dtype}")
-    embedding = model.pilot.get_input_embeddings()
-    rows = getattr(embedding, "num_embeddings", None)
-    if not isinstance(rows, int):
+    rows = input_vocab_size(model.pilot)
+    if rows is None:
         return
     lo, hi = (int(x) for x in torch.aminmax(input_ids))
     if lo < 0 or hi >= rows:

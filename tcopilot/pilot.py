@@ -33,7 +33,7 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _input_vocab_size(pilot: nn.Module) -> int | None:
+def input_vocab_size(pilot: nn.Module) -> int | None:
     """Rows of the Pilot's input embedding (None when it has no plain one to read)."""
     try:
         emb = pilot.get_input_embeddings()
@@ -502,7 +502,7 @@ class TransformerCopilot(nn.Module):
         if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
             # The range check reads the ids on the host: free for CPU tensors, a synchronisation per step on an
             # accelerator, where it is left out (as in Hugging Face models; the embedding's own index check fires).
-            vocab = _input_vocab_size(self.pilot)
+            vocab = input_vocab_size(self.pilot)
             lo, hi = (int(v) for v in torch.aminmax(input_ids))
             if vocab is not None and (lo < 0 or hi >= vocab):
                 raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the Pilot's input embedding), "
