@@ -11,6 +11,7 @@ import numbers
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 IMPLS = ("auto", "torch", "triton")
@@ -89,6 +90,13 @@ def is_finite_number(value) -> bool:
 def _shown(value) -> str:
     shown = repr(value)
     return shown if len(shown) <= 60 else f"{shown[:24]}...({len(shown)} characters)"
+
+
+def check_bool(name: str, value, what: str = "a bool") -> bool:
+    """A flag as a Python bool: ``bool`` or ``numpy.bool_`` (no bool subclass) only; ``bool("no")`` would be True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return bool(value)
 
 
 def check_int(name: str, value, *, low: int | None = None, high: int | None = None, what: str = "an int") -> int:

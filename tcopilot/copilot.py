@@ -14,21 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from tcopilot._validation import IMPLS, check_choice, check_finite, check_int
+from tcopilot._validation import IMPLS, check_bool, check_choice, check_finite, check_int
 from tcopilot.kernels.log_attention import log_attention
-
-
-def _check_bool(name: str, value) -> bool:
-    # Python and numpy bools (np.True_ is no bool subclass); not ints, not strings.
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected a bool, got {value!r}")
-    return bool(value)
 
 
 def _check_positive(name: str, value) -> float:
@@ -106,8 +98,8 @@ class CopilotConfig(PretrainedConfig):
                 f"num_key_value_heads: expected a divisor of num_attention_heads={num_attention_heads}, "
                 f"got {num_key_value_heads}"
             )
-        use_rope = _check_bool("use_rope", use_rope)
-        attention_bias = _check_bool("attention_bias", attention_bias)
+        use_rope = check_bool("use_rope", use_rope)
+        attention_bias = check_bool("attention_bias", attention_bias)
         if use_rope and (hidden_size // num_attention_heads) % 2 != 0:
             raise ValueError(
                 f"use_rope: rotary embeddings need an even head dimension, got hidden_size={hidden_size} / "

@@ -38,13 +38,13 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
-from tcopilot._validation import FLOAT32_TINY, FLOAT_DTYPES, IMPLS, check_choice, check_finite, check_int
+from tcopilot._validation import FLOAT32_TINY, FLOAT_DTYPES, IMPLS, check_bool, check_choice, check_finite, check_int
 from tcopilot.kernels.rectified_decode_head import rectified_decode_head
 from tcopilot.kernels.rectified_next_token import rectified_next_token
+from tcopilot.kernels.rectified_next_token.api import check_seed
 from tcopilot.pilot import (
     input_vocab_size,
     lm_head_operands,
@@ -182,7 +182,7 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
     do_sample = opts.get("do_sample")
     if do_sample is None:  # the pre-GenerationConfig convention: temperature > 0 samples, 0 is greedy
         do_sample = temperature is not None and temperature > 0
-    do_sample = _check_bool("do_sample", do_sample, "True, False or None")
+    do_sample = check_bool("do_sample", do_sample, "True, False or None")
     num_beams = check_int("num_beams", opts.get("num_beams", 1), low=1, what="an int >= 1")
     if num_beams > 1 and do_sample:
         raise ValueError(
@@ -203,7 +203,7 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
         )
     early_stopping = opts.get("early_stopping", False)
     if not (isinstance(early_stopping, str) and early_stopping == "never"):
-        early_stopping = _check_bool("early_stopping", early_stopping, "True, False or 'never'")
+        early_stopping = check_bool("early_stopping", early_stopping, "True, False or 'never'")
     if do_sample:
         temperature = 1.0 if temperature is None else temperature
         if temperature <= 0:
@@ -228,13 +228,6 @@ def resolve_generation_options(input_length: int, generation_config=None, **kwar
 
 # log(1 / smallest normal fp32) ~ 87.34: the bound on |length_penalty| * log(max_new_tokens) (beam search).
 _LOG_FP32_NORMAL = -math.log(FLOAT32_TINY)
-
-
-def _check_bool(name: str, value, what: str) -> bool:
-    """A flag as a Python bool: ``bool`` or ``numpy.bool_`` only (``bool("no")`` would be True)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected {what}, got {value!r}")
-    return bool(value)
 
 
 def _vocab_size(model) -> int | None:
@@ -521,7 +514,7 @@ def generate(
     check_finite("lam", lam)
     check_choice("fusion", fusion, ("probs", "logits"))
     check_choice("impl", impl, IMPLS)
-    _check_seed(seed, generator, input_ids)
+    check_seed(seed, generator, input_ids.shape[0], input_ids.device)
 
     use_copilot = _uses_copilot(model, lam)
     if max_new_tokens == 0:
@@ -550,24 +543,6 @@ def _as_int64(x: int) -> int:
     """``x`` mod 2**64 as a signed int64 value."""
     x %= 2**64
     return x - 2**64 if x >= 2**63 else x
-
-
-def _check_seed(seed, generator, input_ids: torch.Tensor) -> None:
-    """The generation-level checks of ``seed`` (the sampler checks the rest at each step)."""
-    if seed is None:
-        return
-    if generator is not None:
-        raise ValueError("seed: expected None when a generator is given (seed selects the Philox numbers)")
-    if isinstance(seed, torch.Tensor):
-        if seed.shape != (input_ids.shape[0],) or seed.dtype.is_floating_point or seed.dtype == torch.bool:
-            raise ValueError(
-                f"seed: expected an int or an integer tensor of shape [{input_ids.shape[0]}] (one per prompt), "
-                f"got a {seed.dtype} tensor of shape {list(seed.shape)}"
-            )
-        if seed.device != input_ids.device:
-            raise ValueError(f"seed: expected a tensor on {input_ids.device} (like input_ids), got {seed.device}")
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
-        raise ValueError(f"seed: expected an int in [-2**63, 2**63) or a [B] integer tensor, got {seed!r}")
 
 
 def _step_randomness(randomness, step: int) -> dict:
@@ -640,7 +615,7 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     impl, generator = options.pop("impl", "auto"), options.pop("generator", None)
     seed = options.pop("seed", None)
     check_choice("impl", impl, IMPLS)
-    _check_seed(seed, generator, input_ids)
+    check_seed(seed, generator, input_ids.shape[0], input_ids.device)
     o = resolve_generation_options(input_ids.shape[1], options.pop("generation_config", None), **options)
     if o["num_beams"] != 1:
         raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")

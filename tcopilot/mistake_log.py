@@ -43,10 +43,9 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from tcopilot._validation import check_int
+from tcopilot._validation import check_bool, check_int
 
 POOLED_DTYPES = ("bfloat16", "float16", "int8", "float32")
 TOPK_DTYPES = ("float32", "float16", "bfloat16")
@@ -227,8 +226,8 @@ class MistakeLog:
         if pooled_dtype is not None:
             _check_choice("pooled_dtype", pooled_dtype, POOLED_DTYPES)
         _check_choice("topk_dtype", topk_dtype, TOPK_DTYPES)
-        if pin_memory is not None and not isinstance(pin_memory, (bool, np.bool_)):
-            raise ValueError(f"pin_memory: expected a bool or None, got {pin_memory!r}")
+        if pin_memory is not None:
+            check_bool("pin_memory", pin_memory, "a bool or None")
         self.capacity, self.max_bytes, self.topk = capacity, max_bytes, topk
         self.pooled_dtype, self.topk_dtype = str(pooled_dtype) if pooled_dtype is not None else None, str(topk_dtype)
         self.seed, self.ignore_index = seed, ignore_index

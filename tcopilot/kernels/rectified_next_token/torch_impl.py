@@ -12,15 +12,11 @@ import torch
 from .philox import philox_uniforms
 
 
-def _lam_column(lam: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    if isinstance(lam, torch.Tensor):
-        return lam.to(device=device, dtype=torch.float32).reshape(-1).expand(batch)[:, None]
-    return torch.full((batch, 1), float(lam), dtype=torch.float32, device=device)
-
-
 def _column(value, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A per-row option as a [B, 1] column (a [B] or 0-d tensor, already validated)."""
-    return value.to(device=device, dtype=dtype).reshape(-1).expand(batch)[:, None]
+    """A per-row option as a [B, 1] column (a number, or a [B] or 0-d tensor, already validated)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(-1).expand(batch)[:, None]
+    return torch.full((batch, 1), value, dtype=dtype, device=device)
 
 
 def rectified_next_token_torch(
@@ -46,7 +42,7 @@ def rectified_next_token_torch(
     f = copilot_out.float()
     batch, vocab = z.shape
     device = z.device
-    lam = _lam_column(lam, batch, device)
+    lam = _column(lam, batch, device, torch.float32)
     per_row_t = isinstance(temperature, torch.Tensor)
 
     if fusion == "probs":
@@ -61,8 +57,8 @@ def rectified_next_token_torch(
     row_max = w.amax(dim=-1, keepdim=True)
     dead = torch.isneginf(row_max)
     if per_row_t:
-        t_col = _column(temperature, batch, device, torch.float32)
-        t_col = torch.where(t_col > 0, t_col, 1.0)  # greedy rows: any finite weights do, their token is set below
+        sampled = _column(temperature, batch, device, torch.float32)
+        t_col = torch.where(sampled > 0, sampled, 1.0)  # greedy rows: any finite weights do, their token is set below
     else:
         t_col = temperature
     w = w.sub_(row_max.masked_fill(dead, 0.0)).div_(t_col)
@@ -113,5 +109,5 @@ def rectified_next_token_torch(
     u = u.clamp_(min=torch.finfo(torch.float32).tiny)
     token = torch.argmax(torch.log(probs) - torch.log(-torch.log(u)), dim=-1)
     if per_row_t:
-        token = torch.where(_column(temperature, batch, device, torch.float32)[:, 0] > 0, token, greedy)
+        token = torch.where(sampled[:, 0] > 0, token, greedy)
     return token
