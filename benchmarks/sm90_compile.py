@@ -326,7 +326,7 @@ def _rectified_next_token_cases() -> Iterator[Case]:
 
     from tcopilot.kernels.rectified_next_token import triton_impl as rnt
 
-    block_v, block_s, warps = rnt._GPU_CFG
+    block_v, block_s, warps, cap = rnt._GPU_CFG
     block_v = min(block_v, _pow2(_RNT_V))
     block_s = min(block_s, max(16, _pow2(_RNT_V)))
     for dname in ("bf16", "fp16", "fp32"):
@@ -340,18 +340,19 @@ def _rectified_next_token_cases() -> Iterator[Case]:
             parts = _RDH_PARTS if stats else 1
             args = dict(
                 z_ptr=Ptr(dt), f_ptr=Ptr(dt), u_ptr=u, seed_ptr=i64 if philox else i32, out_ptr=i64,
-                passes_ptr=i32 if passes else i64, lam_ptr=f32, temp_ptr=f32, topk_ptr=i32, topp_ptr=f32,
+                passes_ptr=i32 if passes else i64, bufw_ptr=f32 if sample else i64, bufi_ptr=i32 if sample else i64,
+                lam_ptr=f32, temp_ptr=f32, topk_ptr=i32, topp_ptr=f32,
                 pm_ptr=f32 if stats else i64, ps_ptr=f32 if stats else i64, pa_ptr=i64,
                 V=_RNT_V, stride_z=_RNT_V, stride_f=_RNT_V, stride_u=_RNT_V if sample and not philox else 0,
                 P=parts,
             )  # fmt: skip
             yield Case(
                 kernel="rectified_next_token", fn=rnt._rectified_next_token_kernel, dtype=dname,
-                config=f"{label}; V{block_v} S{block_s} w{warps}", args=args,
+                config=f"{label}; V{block_v} S{block_s} C{cap} w{warps}", args=args,
                 constexprs=dict(FUSION_PROBS=probs, SAMPLE=sample, PHILOX=philox, SEED_PER_ROW=per_row,
                                 HAS_STATS=stats, BLOCK_P=min(1024, _pow2(parts)),
                                 BLOCK_V=block_v, BLOCK_S=block_s, NPIV=rnt._NPIV, N_VALUE=rnt._N_VALUE_PIVOTS,
-                                MAX_PASSES=rnt._MAX_SEARCH_PASSES, WRITE_PASSES=passes),
+                                MAX_PASSES=rnt._MAX_SEARCH_PASSES, CAP=cap, WRITE_PASSES=passes),
                 num_warps=warps, quick=label == "sample probs" and dname == "bf16",
             )  # fmt: skip
 

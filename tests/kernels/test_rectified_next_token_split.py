@@ -178,7 +178,7 @@ def test_dispatch(monkeypatch):
     with pytest.raises(ValueError, match="split"):
         rectified_next_token_triton(z, f, temperature=1.0, top_p=0.9, seed=1, split=True)
     out, passes = rectified_next_token_triton(z, f, temperature=1.0, seed=1, return_search_passes=True)
-    assert passes.shape == (4, 2) and not passes.any()
+    assert passes.shape == (4, 3) and not passes.any()
 
 
 @pytest.mark.gpu

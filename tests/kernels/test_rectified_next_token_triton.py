@@ -257,7 +257,9 @@ def test_threshold_search_converges_in_few_passes():
     z, f = _inputs(4, 997, seed=12)
     kw = dict(fusion="logits", temperature=1.0, top_k=50, top_p=0.9)
     tokens, passes = rectified_next_token_triton(z, f, generator=_gen(0), return_search_passes=True, **kw)
-    assert (passes >= 1).all() and (passes <= 8).all(), passes.tolist()
+    searches = passes[:, :2]
+    assert (searches >= 1).all() and (searches <= 8).all(), passes.tolist()
+    assert (passes[:, 2] == 0).all(), passes.tolist()  # the top-p gather ran the race: no pass D
     assert torch.equal(tokens, rectified_next_token(z, f, generator=_gen(0), **kw))
 
 
@@ -276,6 +278,54 @@ def test_threshold_search_on_weights_spread_over_many_binades():
         got, passes = rectified_next_token_triton(z, f, generator=_gen(1), return_search_passes=True, **kw)
         assert (passes <= 25).all(), passes.tolist()
         assert torch.equal(got, rectified_next_token(z, f, generator=_gen(1), impl="torch", **kw))
+
+
+def _set_gather_cap(monkeypatch, cap):
+    """Run the kernel with a candidate buffer of ``cap`` weights (the interpreter's default is 64)."""
+    from tcopilot.kernels.rectified_next_token import triton_impl
+
+    for name in ("_INTERP_CFG", "_GPU_CFG"):
+        monkeypatch.setattr(triton_impl, name, getattr(triton_impl, name)[:3] + (cap,))
+
+
+@pytest.mark.parametrize("cap, v", [(16, 997), (256, 250)])
+def test_gather_buffer_of_any_size_gives_the_same_tokens(monkeypatch, cap, v):
+    # cap 16: several counting passes, then a gather of [v0, hi) (known count and mass above hi);
+    # cap >= V: every search gathers at once, and top-p is solved from the top-k buffer. (The interpreter
+    # sorts 2048 values in ~7 s: the large buffer is tried on a small V.)
+    _set_gather_cap(monkeypatch, cap)
+    z, f = _inputs(2, v, seed=21)
+    z[0, :7] += 6.0  # one peaked row
+    for fusion, temperature, top_k, top_p in (("probs", 0.8, 50, 0.9), ("logits", 1.0, 0, 0.9),
+                                              ("logits", 0.7, 120, 1.0), ("probs", 1.0, 600, 0.5)):
+        kw = dict(fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p)
+        got, passes = rectified_next_token_triton(z, f, seed=17, return_search_passes=True, **kw)
+        assert torch.equal(got, rectified_next_token(z, f, seed=17, impl="torch", **kw)), kw
+        if cap >= v:
+            # one gather for both filters (top-p reads the top-k buffer), no counting pass, no pass D
+            assert (passes[:, :2].sum(1) == 1).all() and (passes[:, 2] == 0).all(), passes.tolist()
+
+
+def test_gather_keeps_probability_ties_below_the_buffer(monkeypatch):
+    # 40 distinct weights within 4e-11 of the maximum all have probability exactly 1/S in fp32 (in any exp):
+    # top-p keeps all of them, as the reference does, including those below the search's v0, which the
+    # gather buffer does not hold: such rows must run pass D.
+    _set_gather_cap(monkeypatch, 16)
+    v = 400
+    z = torch.full((2, v), -12.0)
+    z[:, 100:140] = -torch.arange(40, dtype=torch.float32) * 1e-12
+    z[:, 200:260] = -torch.linspace(0.5, 3.0, 60)
+    z, f = z.to(DEV), torch.zeros_like(z).to(DEV)
+    kw = dict(fusion="logits", temperature=1.0, top_p=0.05)
+    kept = rectified_probs_reference(z, f, **kw) > 0
+    assert (kept[:, 100:140].all(-1) & (kept.sum(-1) == 40)).all()
+    seen = torch.zeros_like(kept)
+    for seed in range(6):
+        got, passes = rectified_next_token_triton(z, f, seed=seed, return_search_passes=True, **kw)
+        assert torch.equal(got, rectified_next_token(z, f, seed=seed, impl="torch", **kw)), seed
+        assert (passes[:, 2] == 1).all(), passes.tolist()  # pass D ran
+        seen[torch.arange(2), got] = True
+    assert not (seen & ~kept).any() and seen[:, 100:120].any() and seen[:, 120:140].any()
 
 
 # ------------------------------------------------------------------------------------------------ Philox

@@ -25,17 +25,33 @@ Passes over V (``fusion="logits"`` skips pass A; greedy rows stop after pass B):
       ``sum{exp(w) : w >= x} >= top_p * S_k``. (The reference keeps token ``i`` iff the mass of the
       tokens strictly more likely than ``i`` is below ``top_p``; ``t_p`` is the smallest such weight.)
 
-  Each counting pass evaluates ``NPIV`` pivots at once: per pivot ``x`` the count (top-k) or the mass
-  (top-p) of ``{w >= x}`` and ``min{w >= x}``. The search keeps ``v0``, a weight known to be ``<= t``
-  (it starts at the smallest finite weight, or at ``t_k`` for top-p), and ``hi``, known to be ``> t``. A
-  pass tests the next float above ``v0`` (if it fails, ``t == v0`` exactly: done), pivots evenly spaced
-  in value up to ``hi`` (quick on ordinary rows) and a few evenly spaced in the order-preserving integer
-  image of the floats (a bisection on the bit pattern, which bounds the search for any values). Then
-  ``v0`` becomes the smallest weight at or above the largest passing pivot and ``hi`` the smallest
-  failing pivot. Top-k also stops as soon as exactly ``k`` weights are ``>= v0``. Simulated V=131072
-  rows need about 4-5 passes per filter, the tests' V=997 rows 1-4.
+  Each counting pass evaluates ``NPIV`` pivots at once: per pivot ``x`` the count and (top-p) the mass
+  of ``{w >= x}``, and ``min{w >= x}``. The search keeps ``v0``, a weight known to be ``<= t`` (it starts
+  at the smallest finite weight, or at ``t_k`` for top-p), and ``hi``, known to be ``> t``. A pass tests
+  the next float above ``v0`` (if it fails, ``t == v0`` exactly: done), pivots evenly spaced in value up
+  to ``hi`` (quick on ordinary rows) and a few evenly spaced in the order-preserving integer image of the
+  floats (a bisection on the bit pattern, which bounds the search for any values). Then ``v0`` becomes
+  the smallest weight at or above the largest passing pivot and ``hi`` the smallest failing pivot. Top-k
+  also stops as soon as exactly ``k`` weights are ``>= v0``.
+
+  **Gather.** Pivots only narrow ``[v0, hi)``; once it holds at most ``CAP`` weights (1024 on a GPU), one
+  more pass copies them and their ids into a per-row buffer (all of ``{w >= v0}`` when that fits), sorts
+  the ``CAP`` values in registers and reads ``t`` off the sorted list: the ``(k - #{w >= hi})``-th largest,
+  or the first prefix whose mass, added to that of ``{w >= hi}``, reaches ``top_p * S_k``. When the top-k
+  buffer holds all of ``{w >= t_k}``, top-p is solved from it without touching V. Before this, a top-p
+  search narrowed down to the exact weight, 6-7 passes on the benchmark's V=128256 rows.
 * **D. Sample**: Gumbel-max over the kept tokens, ``argmax(w - log(-log u))`` (ties: lowest id); it
-  differs from the reference's ``log(q_final) - log(-log u)`` by a per-row constant only.
+  differs from the reference's ``log(q_final) - log(-log u)`` by a per-row constant only. A search that
+  ends in a gather runs the race there instead: every weight ``>= hi`` is kept, so the gather pass races
+  them as it reads them, and the kept buffer entries race after the threshold is known. (Not when a later
+  top-p search will cut below ``hi``, nor in the rare top-p row where a weight just below ``v0`` could
+  round to the cut-off's probability: those rows run pass D.)
+
+Passes over V per sampled row, measured on the benchmark's inputs (V=128256, ``fusion="probs"``, CPU
+interpreter, CAP=1024): top-k 50 + top-p 0.9: A, B, one counting pass, one gather (+ race) = 4 (was 9.0
+with pass D and searches to the exact weight); top-p 0.9 alone: A, B, 3 counting passes, gather = 6 (was
+9.5). Those rows are noise-dominated (a 70k-token plateau of ``p~ ~ 1e-5``); peaked LLM-like rows
+gather after one counting pass.
 
 Ties at a cut-off are all kept, as in the reference: the filters are thresholds on the weights, and the
 top-p one on the probabilities (``exp(w) >= exp(t_p)``, which also keeps tokens whose probability only
@@ -79,10 +95,12 @@ _NPIV = 16
 _N_VALUE_PIVOTS = 12
 _MAX_SEARCH_PASSES = 48  # never reached: the key-spaced pivots shrink the key range 3x per pass (~20)
 
-# (BLOCK_V for the streaming passes, BLOCK_S for the counting passes, num_warps). Not yet tuned on a GPU.
-_GPU_CFG = (2048, 256, 8)
-# The interpreter runs each program sequentially in numpy: small tiles still give several per row.
-_INTERP_CFG = (256, 256, 4)
+# (BLOCK_V for the streaming passes, BLOCK_S for the counting passes, num_warps, CAP: the size of the buffer
+# a search gathers its last candidates into). Not yet tuned on a GPU. The interpreter runs each program
+# sequentially in numpy: small tiles still give several per row, and a small CAP lets the tests' rows
+# (V ~ 1000) run counting passes before the gather.
+_GPU_CFG = (2048, 256, 8, 1024)
+_INTERP_CFG = (256, 256, 4, 64)
 
 
 def _interpreting() -> bool:
@@ -100,20 +118,33 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _search(
-    z_row, f_row, V, lam, m_z, s_z, M, T, base, k, top_p,
-    IS_TOP_P: tl.constexpr, FUSION_PROBS: tl.constexpr, BLOCK_S: tl.constexpr,
-    NPIV: tl.constexpr, N_VALUE: tl.constexpr, MAX_PASSES: tl.constexpr,
+    z_row, f_row, bufw_row, bufi_row, u_row, seed_ptr, row, V, lam, m_z, s_z, M, T, base, cnt_base, n_buf,
+    k, top_p, race,
+    IS_TOP_P: tl.constexpr, FUSION_PROBS: tl.constexpr, PHILOX: tl.constexpr, SEED_PER_ROW: tl.constexpr,
+    BLOCK_S: tl.constexpr, NPIV: tl.constexpr, N_VALUE: tl.constexpr, MAX_PASSES: tl.constexpr,
+    CAP: tl.constexpr,
 ):  # fmt: skip
     """Threshold t (one of the row's weights) of top-k (IS_TOP_P=False) or of top-p among {w >= base}.
 
-    The kept set is {w >= t}. Returns (t, number of counting passes run).
+    The kept set is {w >= t} (top-p: and the ties in probability, see pass D). ``cnt_base`` is
+    #{w >= base} when known (else -1); ``n_buf >= 0`` says that the row's buffer already holds, in its
+    first ``n_buf`` slots, every weight >= base (a top-k search left it so). With ``race`` set, a search
+    that ends in a gather also runs the Gumbel race of pass D. Returns (t, passes over V, #{w >= t}
+    (top-k), n_buf for a following top-p search, whether the race ran, its token).
     """
     slot = tl.arange(0, NPIV)
     N_KEY: tl.constexpr = NPIV - 2 - N_VALUE
+    TOP: tl.constexpr = 1.1754943508222875e-38  # above every weight (all are <= 0)
     v0 = base  # a weight <= t: {w >= v0} contains the answer
-    hi = tl.full([], 1.1754943508222875e-38, tl.float32)  # > t (every weight is <= 0)
+    cnt_v0 = cnt_base  # #{w >= v0}, -1 while unknown
+    hi = tl.full([], TOP, tl.float32)  # > t
+    cnt_hi = tl.full([], 0, tl.int32)  # #{w >= hi}, and their mass (top-p)
+    mass_hi = tl.full([], 0.0, tl.float32)
+    mass_base = tl.full([], -1.0, tl.float32)  # sum of exp(w) over {w >= base} (top-p), -1 while unknown
     n_pass = tl.full([], 0, tl.int32)
-    going = n_pass == 0
+    # Few enough candidates already: go straight to the gather (below), no counting pass.
+    gather = (n_buf >= 0) | ((cnt_v0 >= 0) & (cnt_v0 <= CAP))
+    going = gather == 0
     while going:
         # Pivots: slot 0 = base (top-p: its mass normalises), 1 = x0 = the next float above v0, then
         # N_VALUE pivots evenly spaced in value and N_KEY evenly spaced in order key, all in (x0, hi).
@@ -135,8 +166,8 @@ def _search(
         piv = tl.where(slot == 1, x0, piv)
         piv = tl.where(slot == 0, base, piv)
 
-        # One counting pass: per pivot x, #{w >= x} (top-k) or sum of exp(w) over {w >= x} (top-p),
-        # and min{w >= x}.
+        # One counting pass: per pivot x, #{w >= x}, the mass sum of exp(w) over {w >= x} (top-p) and
+        # min{w >= x}.
         stat_i = tl.zeros([NPIV], dtype=tl.int32)
         stat_f = tl.zeros([NPIV], dtype=tl.float32)
         mn = tl.full([NPIV], float("inf"), dtype=tl.float32)
@@ -148,25 +179,34 @@ def _search(
             ge = w[:, None] >= piv[None, :]
             if IS_TOP_P:
                 stat_f += tl.sum(tl.where(ge, tl.exp(w)[:, None], 0.0), axis=0)
-            else:
-                stat_i += tl.sum(ge.to(tl.int32), axis=0)
+            stat_i += tl.sum(ge.to(tl.int32), axis=0)
             mn = tl.minimum(mn, tl.min(tl.where(ge, w[:, None], float("inf")), axis=0))
+        if n_pass == 0:
+            cnt_v0 = tl.max(tl.where(slot == 0, stat_i, 0))  # v0 is still base
+            mass_base = tl.max(tl.where(slot == 0, stat_f, 0.0))
 
         # "x <= t?" is monotone in x. (Every candidate pivot lies above base, a kept weight, so the
         # top-p rule "or no kept token below x" never applies to them.)
         if IS_TOP_P:
-            ok = stat_f >= top_p * tl.sum(tl.where(slot == 0, stat_f, 0.0))
+            ok = stat_f >= top_p * mass_base
         else:
             ok = stat_i >= k
         cand = slot >= 1
         passing = cand & ok
         # `x == 0`, not `~x`, negates these booleans: Triton 3.3's interpreter has no `~` for them (pyproject floor).
+        failing = cand & (ok == 0)
         best = tl.max(tl.where(passing, piv, float("-inf")))
         any_pass = best > float("-inf")
         sel = passing & (piv == best)
-        hi = tl.minimum(hi, tl.min(tl.where(cand & (ok == 0), piv, float("inf"))))
+        lowest_fail = tl.min(tl.where(failing, piv, float("inf")))
+        at_fail = failing & (piv == lowest_fail)
+        if lowest_fail < hi:
+            hi = lowest_fail
+            cnt_hi = tl.max(tl.where(at_fail, stat_i, 0))
+            mass_hi = tl.max(tl.where(at_fail, stat_f, 0.0))
         # {w >= best} = {w >= its smallest member}: move v0 up to that weight.
         v0_new = tl.where(any_pass, tl.min(tl.where(sel, mn, float("inf"))), v0)
+        cnt_v0 = tl.where(any_pass, tl.max(tl.where(sel, stat_i, 0)), cnt_v0)
         stalled = v0_new <= v0  # cannot happen in exact arithmetic; guards against denormal flushing
         v0 = v0_new
         n_pass += 1
@@ -177,23 +217,109 @@ def _search(
         k_hi = b ^ ((b >> 31) & 0x7FFFFFFF)
         stop = (any_pass == 0) | stalled | (v0 >= 0.0) | (k_v0 + 1 >= k_hi) | (n_pass >= MAX_PASSES)
         if not IS_TOP_P:
-            stop = stop | (tl.max(tl.where(sel, stat_i, 0)) == k)  # exactly k kept: no tie to resolve
-        going = stop == 0
-    return v0, n_pass
+            stop = stop | (cnt_v0 == k)  # exactly k kept: no tie to resolve
+        # Few candidates left in [v0, hi): collect them and finish in registers.
+        gather = (stop == 0) & (cnt_v0 - cnt_hi <= CAP)
+        going = (stop == 0) & (gather == 0)
+
+    t = v0
+    cnt_t = cnt_v0
+    n_whole = tl.full([], -1, tl.int32)
+    raced = gather & race
+    token = tl.full([], 0, tl.int64)
+    if gather:
+        # The buffer receives the weights in [v0, hi_g) and their token ids, in id order: everything >= v0
+        # when that fits, else [v0, hi), whose #{w >= hi} and mass are known. Every weight >= hi_g is kept
+        # (hi_g > t), so the gather pass also runs their part of the race.
+        whole = (n_buf >= 0) | (cnt_v0 <= CAP)
+        hi_g = tl.where(whole, TOP, hi)
+        cnt_g = tl.where(whole, 0, cnt_hi)
+        mass_g = tl.where(whole, 0.0, mass_hi)
+        n_g = n_buf
+        best = tl.full([], float("-inf"), tl.float32)
+        if n_buf < 0:
+            n_g = 0
+            for start in range(0, V, BLOCK_S):
+                offs = start + tl.arange(0, BLOCK_S)
+                mask = offs < V
+                _, lw = fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
+                w = tl.where(mask, tl.maximum((lw - M) / T, -3.4028234663852886e38), float("-inf"))
+                pick = (w >= v0) & (w < hi_g)
+                pos = n_g + tl.cumsum(pick.to(tl.int32), axis=0) - 1
+                tl.store(bufw_row + pos, w, mask=pick & (pos < CAP))
+                tl.store(bufi_row + pos, offs, mask=pick & (pos < CAP))
+                n_g += tl.sum(pick.to(tl.int32))
+                if race:
+                    above = w >= hi_g
+                    if PHILOX:
+                        u = philox_uniforms(seed_ptr, row, offs, SEED_PER_ROW)
+                    else:
+                        u = tl.load(u_row + offs, mask=above, other=0.5)
+                    u = tl.maximum(u, 1.1754943508222875e-38)
+                    score = tl.where(above, w - tl.log(-tl.log(u)), float("-inf"))
+                    t_max = tl.max(score)
+                    token = tl.where(t_max > best, start + tl.argmax(score, axis=0), token)
+                    best = tl.maximum(best, t_max)
+            n_pass += 1
+            n_g = tl.minimum(n_g, CAP)  # equal to cnt_v0 - cnt_g; the guard keeps the stores in bounds
+            tl.debug_barrier()  # the stores above, by all threads, are read back below
+        # The threshold: sort the candidates and read it off the sorted list.
+        idx = tl.arange(0, CAP)
+        s = tl.sort(tl.load(bufw_row + idx, mask=idx < n_g, other=float("-inf")), descending=True)
+        s = tl.where(s >= v0, s, float("-inf"))  # a buffer left by top-k may also hold weights < base
+        n_s = tl.sum((s > float("-inf")).to(tl.int32))
+        if IS_TOP_P:
+            e = tl.exp(s)
+            if mass_base < 0.0:  # no counting pass ran: the buffer holds all of {w >= base}
+                mass_base = tl.sum(e)
+            # t = the largest weight whose {w >= t} holds at least top_p of the mass: the first (in
+            # descending order) prefix to reach it; ties with it are kept by the threshold anyway.
+            cum = mass_g + tl.cumsum(e, axis=0)
+            first = tl.min(tl.where((cum >= top_p * mass_base) & (idx < n_s), idx, CAP))
+            first = tl.minimum(first, n_s - 1)  # rounding: v0 passed the counting pass
+            t = tl.max(tl.where(idx == first, s, float("-inf")))
+            # A weight below v0 whose probability rounds to the cut-off's is kept too (pass D), but it
+            # is not in the buffer: leave such a row to pass D (rare: exp(v0) must equal exp(t)).
+            raced = raced & ((n_buf >= 0) | (v0 == base) | (tl.exp(v0) < tl.exp(t)))
+        else:
+            t = tl.max(tl.where(idx == k - cnt_g - 1, s, float("-inf")))
+            cnt_t = cnt_g + tl.sum((s >= t).to(tl.int32))
+        n_whole = tl.where(whole, n_g, -1)
+        if raced:
+            # The race among the kept candidates, in id order (ties: lowest id, as in pass D).
+            wb = tl.load(bufw_row + idx, mask=idx < n_g, other=float("-inf"))
+            ib = tl.load(bufi_row + idx, mask=idx < n_g, other=0)
+            keep = (idx < n_g) & (wb >= base) & (wb >= t)
+            if IS_TOP_P:
+                keep = (idx < n_g) & (wb >= base) & ((wb >= t) | (tl.exp(wb) >= tl.exp(t)))
+            if PHILOX:
+                u = philox_uniforms(seed_ptr, row, ib, SEED_PER_ROW)
+            else:
+                u = tl.load(u_row + ib, mask=keep, other=0.5)
+            u = tl.maximum(u, 1.1754943508222875e-38)
+            score = tl.where(keep, wb - tl.log(-tl.log(u)), float("-inf"))
+            b_max = tl.max(score)
+            b_tok = tl.min(tl.where((score == b_max) & keep, ib, 2147483647)).to(tl.int64)
+            take = (b_max > best) | ((b_max == best) & (b_tok < token))
+            token = tl.where(take, b_tok, token)
+    return t, n_pass, cnt_t, n_whole, raced, token
 
 
 @triton.jit
 def _rectified_next_token_kernel(
-    z_ptr, f_ptr, u_ptr, seed_ptr, out_ptr, passes_ptr, lam_ptr, temp_ptr, topk_ptr, topp_ptr,
+    z_ptr, f_ptr, u_ptr, seed_ptr, out_ptr, passes_ptr, bufw_ptr, bufi_ptr, lam_ptr, temp_ptr, topk_ptr, topp_ptr,
     pm_ptr, ps_ptr, pa_ptr, V, stride_z, stride_f, stride_u, P,
     FUSION_PROBS: tl.constexpr, SAMPLE: tl.constexpr, PHILOX: tl.constexpr, SEED_PER_ROW: tl.constexpr,
     HAS_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr, N_VALUE: tl.constexpr,
-    MAX_PASSES: tl.constexpr, WRITE_PASSES: tl.constexpr,
+    MAX_PASSES: tl.constexpr, CAP: tl.constexpr, WRITE_PASSES: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     f_row = f_ptr + row * stride_f
+    bufw_row = bufw_ptr + row * CAP
+    bufi_row = bufi_ptr + row * CAP
+    u_row = u_ptr + row * stride_u
     lam = tl.load(lam_ptr + row).to(tl.float32)
     cols = tl.arange(0, BLOCK_V)
 
@@ -242,6 +368,7 @@ def _rectified_next_token_kernel(
     token = arg
     passes_k = tl.full([], 0, tl.int32)
     passes_p = tl.full([], 0, tl.int32)
+    passes_d = tl.full([], 0, tl.int32)
 
     if SAMPLE:
         if T > 0.0:
@@ -254,27 +381,36 @@ def _rectified_next_token_kernel(
                 top_p = tl.load(topp_ptr + row).to(tl.float32)
                 # The smallest weight of a token of nonzero probability (weights are monotone in lw).
                 thr = tl.maximum((lw_min - M) / T, -3.4028234663852886e38)
+                # #{w >= thr}: the finite weights, or every token when thr is clamped at -FLT_MAX too.
+                cnt_thr = tl.where(thr > -3.4028234663852886e38, n_fin, V)
+                n_buf = tl.full([], -1, tl.int32)
+                raced = n_buf == 0  # False; set when a search's gather pass also ran the race
                 # Top-k with k >= the number of such tokens keeps all of them: nothing to search.
                 if (k > 0) & (k < n_fin):
-                    thr, passes_k = _search(
-                        z_row, f_row, V, lam, m_z, s_z, M, T, thr, k, top_p,
-                        False, FUSION_PROBS, BLOCK_S, NPIV, N_VALUE, MAX_PASSES,
+                    thr, passes_k, cnt_thr, n_buf, raced, token = _search(
+                        z_row, f_row, bufw_row, bufi_row, u_row, seed_ptr, row, V, lam, m_z, s_z, M, T, thr,
+                        cnt_thr, n_buf, k, top_p, top_p >= 1.0,
+                        False, FUSION_PROBS, PHILOX, SEED_PER_ROW, BLOCK_S, NPIV, N_VALUE, MAX_PASSES, CAP,
                     )  # fmt: skip
                 thr_p = thr
                 e_p = tl.zeros([BLOCK_V], dtype=tl.float32) + float("inf")  # top-p off: w >= thr_p decides
                 if top_p < 1.0:
-                    thr_p, passes_p = _search(
-                        z_row, f_row, V, lam, m_z, s_z, M, T, thr, k, top_p,
-                        True, FUSION_PROBS, BLOCK_S, NPIV, N_VALUE, MAX_PASSES,
+                    thr_p, passes_p, _, _, raced, token = _search(
+                        z_row, f_row, bufw_row, bufi_row, u_row, seed_ptr, row, V, lam, m_z, s_z, M, T, thr,
+                        cnt_thr, n_buf, k, top_p, True,
+                        True, FUSION_PROBS, PHILOX, SEED_PER_ROW, BLOCK_S, NPIV, N_VALUE, MAX_PASSES, CAP,
                     )  # fmt: skip
                     # Top-p compares probabilities: a top-k survivor whose exp(w) rounds to exp(thr_p) is
                     # tied with the cut-off and kept too (exp on a full tile, as for the weights below).
                     e_p = tl.exp(tl.zeros([BLOCK_V], dtype=tl.float32) + thr_p)
 
-                # ---- pass D: Gumbel-max race among the kept tokens. log(q_final) differs from w by the
-                # row constant log(sum of kept exp(w)), which the argmax ignores.
+                # ---- pass D: Gumbel-max race among the kept tokens, unless the last search's gather pass
+                # ran it. log(q_final) differs from w by the row constant log(sum of kept exp(w)), which
+                # the argmax ignores.
                 best = tl.full([], float("-inf"), tl.float32)
-                for start in range(0, V, BLOCK_V):
+                n_race = tl.where(raced, 0, V)
+                passes_d = tl.where(raced, 0, 1)
+                for start in range(0, n_race, BLOCK_V):
                     offs = start + cols
                     mask = offs < V
                     _, lw = fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
@@ -282,7 +418,7 @@ def _rectified_next_token_kernel(
                     if PHILOX:
                         u = philox_uniforms(seed_ptr, row, offs, SEED_PER_ROW)
                     else:
-                        u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.5)
+                        u = tl.load(u_row + offs, mask=mask, other=0.5)
                     u = tl.maximum(u, 1.1754943508222875e-38)
                     keep = mask & (w >= thr) & ((w >= thr_p) | (tl.exp(w) >= e_p))
                     score = tl.where(keep, w - tl.log(-tl.log(u)), float("-inf"))
@@ -293,8 +429,9 @@ def _rectified_next_token_kernel(
     token = tl.minimum(tl.maximum(token, 0), V - 1)
     tl.store(out_ptr + row, token.to(tl.int64))
     if WRITE_PASSES:
-        tl.store(passes_ptr + 2 * row, passes_k)
-        tl.store(passes_ptr + 2 * row + 1, passes_p)
+        tl.store(passes_ptr + 3 * row, passes_k)
+        tl.store(passes_ptr + 3 * row + 1, passes_p)
+        tl.store(passes_ptr + 3 * row + 2, passes_d)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -342,8 +479,10 @@ def rectified_next_token_triton(
     be None. Same seed, same tokens; a per-row seed makes a row's draw independent of its batch position.
     ``philox.philox_uniforms`` computes the same numbers in PyTorch (the reference and ``impl="torch"``).
 
-    ``return_search_passes=True`` (diagnostics, benchmarks) also returns a [B, 2] int32 tensor: the
-    counting passes the top-k and the top-p threshold searches took for each row (0 = filter off).
+    ``return_search_passes=True`` (diagnostics, benchmarks) also returns a [B, 3] int32 tensor of the
+    passes over V each row made after its statistics: the top-k search's, the top-p search's (counting
+    passes and gather; 0 = filter off, or top-p solved from the top-k buffer) and pass D's (1 when the
+    race ran as its own pass, 0 when a gather ran it, or for greedy and split-kernel rows).
 
     Kernels. A call whose rows need no threshold search (greedy, or sampling with top-k and top-p off, known
     from Python numbers: a ``top_k`` / ``top_p`` tensor counts as a filter) runs the split-row kernels of
@@ -410,7 +549,7 @@ def rectified_next_token_triton(
     stride_u = u.stride(0) if sample and not philox else 0
 
     out = torch.full((batch,), -1, dtype=torch.int64, device=device)  # -1 = poison: never a valid id
-    passes = torch.zeros((batch, 2), dtype=torch.int32, device=device) if return_search_passes else out
+    passes = torch.zeros((batch, 3), dtype=torch.int32, device=device) if return_search_passes else out
     if batch == 0:
         return (out, passes) if return_search_passes else out
     fusion_probs = fusion == "probs"
@@ -422,19 +561,22 @@ def rectified_next_token_triton(
                                   philox=philox, seed_per_row=seed_per_row, stride_u=stride_u,
                                   row_stats=row_stats if has_stats else None)
         return (out, passes) if return_search_passes else out
-    block_v, block_s, num_warps = _INTERP_CFG if _interpreting() else _GPU_CFG
+    block_v, block_s, num_warps, cap = _INTERP_CFG if _interpreting() else _GPU_CFG
     block_v = min(block_v, triton.next_power_of_2(vocab))
     block_s = min(block_s, max(16, triton.next_power_of_2(vocab)))
     stats = tuple(t.contiguous() for t in row_stats) if has_stats else (out, out, out)  # unread without stats
     parts = stats[0].shape[1] if has_stats else 1
+    # Per-row scratch for the searches' last candidates, CAP weights and their ids (never of size V).
+    bufw = torch.empty((batch, cap), dtype=torch.float32, device=device) if sample else out
+    bufi = torch.empty((batch, cap), dtype=torch.int32, device=device) if sample else out
     with ctx:
         _rectified_next_token_kernel[(batch,)](
-            z, f, u, seeds, out, passes, lam_t, temp_t, topk_t, topp_t, *stats,
+            z, f, u, seeds, out, passes, bufw, bufi, lam_t, temp_t, topk_t, topp_t, *stats,
             vocab, z.stride(0), f.stride(0), stride_u, parts,
             FUSION_PROBS=fusion_probs, SAMPLE=sample, PHILOX=philox, SEED_PER_ROW=seed_per_row,
             HAS_STATS=has_stats, BLOCK_P=min(1024, triton.next_power_of_2(parts)),
             BLOCK_V=block_v, BLOCK_S=block_s, NPIV=_NPIV, N_VALUE=_N_VALUE_PIVOTS,
-            MAX_PASSES=_MAX_SEARCH_PASSES, WRITE_PASSES=return_search_passes, num_warps=num_warps,
+            MAX_PASSES=_MAX_SEARCH_PASSES, CAP=cap, WRITE_PASSES=return_search_passes, num_warps=num_warps,
         )  # fmt: skip
     return (out, passes) if return_search_passes else out
 
