@@ -35,11 +35,12 @@ Passes over V (``fusion="logits"`` skips pass A; greedy rows stop after pass B):
   also stops as soon as exactly ``k`` weights are ``>= v0``.
 
   **Gather.** Pivots only narrow ``[v0, hi)``; once it holds at most ``CAP`` weights (1024 on a GPU), one
-  more pass copies them and their ids into a per-row buffer (all of ``{w >= v0}`` when that fits), sorts
-  the ``CAP`` values in registers and reads ``t`` off the sorted list: the ``(k - #{w >= hi})``-th largest,
-  or the first prefix whose mass, added to that of ``{w >= hi}``, reaches ``top_p * S_k``. When the top-k
-  buffer holds all of ``{w >= t_k}``, top-p is solved from it without touching V. Before this, a top-p
-  search narrowed down to the exact weight, 6-7 passes on the benchmark's V=128256 rows.
+  more pass copies them and their ids into a per-row buffer (all of ``{w >= v0}`` when that fits), loads
+  the ``CAP`` values into registers and finds ``t`` among them by bisection on the order key (at most 32
+  steps): the ``(k - #{w >= hi})``-th largest, or the largest weight whose mass above it, added to that
+  of ``{w >= hi}``, reaches ``top_p * S_k``. When the top-k buffer holds all of ``{w >= t_k}``, top-p is
+  solved from it without touching V. (Before the gather, a top-p search narrowed down to the exact
+  weight: 6-7 counting passes on the benchmark's V=128256 rows.)
 * **D. Sample**: Gumbel-max over the kept tokens, ``argmax(w - log(-log u))`` (ties: lowest id); it
   differs from the reference's ``log(q_final) - log(-log u)`` by a per-row constant only. A search that
   ends in a gather runs the race there instead: every weight ``>= hi`` is kept, so the gather pass races
@@ -263,31 +264,45 @@ def _search(
             n_pass += 1
             n_g = tl.minimum(n_g, CAP)  # equal to cnt_v0 - cnt_g; the guard keeps the stores in bounds
             tl.debug_barrier()  # the stores above, by all threads, are read back below
-        # The threshold: sort the candidates and read it off the sorted list.
+        # The threshold, by bisection on the order key over the buffered weights: "x <= t?" is monotone,
+        # v0 passes and hi_g fails, and each step halves the key range (at most 32 steps, each a sum over
+        # CAP values in registers). When it ends, key lo passes and lo + 1 fails, so lo is a buffered
+        # weight: t. (No sort: tl.sort of 1024 values costs ~15 s of compile time per kernel variant.)
         idx = tl.arange(0, CAP)
-        s = tl.sort(tl.load(bufw_row + idx, mask=idx < n_g, other=float("-inf")), descending=True)
-        s = tl.where(s >= v0, s, float("-inf"))  # a buffer left by top-k may also hold weights < base
-        n_s = tl.sum((s > float("-inf")).to(tl.int32))
+        wb = tl.load(bufw_row + idx, mask=idx < n_g, other=float("-inf"))
+        wb = tl.where(wb >= v0, wb, float("-inf"))  # a buffer left by top-k may also hold weights < base
         if IS_TOP_P:
-            e = tl.exp(s)
+            eb = tl.exp(wb)
             if mass_base < 0.0:  # no counting pass ran: the buffer holds all of {w >= base}
-                mass_base = tl.sum(e)
-            # t = the largest weight whose {w >= t} holds at least top_p of the mass: the first (in
-            # descending order) prefix to reach it; ties with it are kept by the threshold anyway.
-            cum = mass_g + tl.cumsum(e, axis=0)
-            first = tl.min(tl.where((cum >= top_p * mass_base) & (idx < n_s), idx, CAP))
-            first = tl.minimum(first, n_s - 1)  # rounding: v0 passed the counting pass
-            t = tl.max(tl.where(idx == first, s, float("-inf")))
+                mass_base = tl.sum(eb)
+            need_f = top_p * mass_base - mass_g
+        else:
+            need_i = k - cnt_g
+        b = v0.to(tl.int32, bitcast=True)
+        lo = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        b = hi_g.to(tl.int32, bitcast=True)
+        hi_k = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        while hi_k - lo > 1:
+            mid = lo + (hi_k - lo) // 2
+            b = mid.to(tl.int32)
+            x = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            if IS_TOP_P:
+                ok = tl.sum(tl.where(wb >= x, eb, 0.0)) >= need_f
+            else:
+                ok = tl.sum((wb >= x).to(tl.int32)) >= need_i
+            lo = tl.where(ok, mid, lo)
+            hi_k = tl.where(ok, hi_k, mid)
+        b = lo.to(tl.int32)
+        t = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        if IS_TOP_P:
             # A weight below v0 whose probability rounds to the cut-off's is kept too (pass D), but it
             # is not in the buffer: leave such a row to pass D (rare: exp(v0) must equal exp(t)).
             raced = raced & ((n_buf >= 0) | (v0 == base) | (tl.exp(v0) < tl.exp(t)))
         else:
-            t = tl.max(tl.where(idx == k - cnt_g - 1, s, float("-inf")))
-            cnt_t = cnt_g + tl.sum((s >= t).to(tl.int32))
+            cnt_t = cnt_g + tl.sum((wb >= t).to(tl.int32))
         n_whole = tl.where(whole, n_g, -1)
         if raced:
             # The race among the kept candidates, in id order (ties: lowest id, as in pass D).
-            wb = tl.load(bufw_row + idx, mask=idx < n_g, other=float("-inf"))
             ib = tl.load(bufi_row + idx, mask=idx < n_g, other=0)
             keep = (idx < n_g) & (wb >= base) & (wb >= t)
             if IS_TOP_P:
