@@ -110,7 +110,7 @@ def beam_search(
 
     with pilot_states(model.pilot) as states:
         dec = _PairDecoder(model, states, use_copilot)
-        dec.prefill(input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0))
+        dec.prefill(input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0), max_new_tokens)
         for t in range(steps):
             logp = beam_log_probs(dec.z, dec.copilot_out(), lam, fusion)
             vocab = logp.shape[-1]

@@ -192,18 +192,51 @@ def _rotate(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 @dataclass
 class _KV:
+    """One layer's cached keys, values and positions.
+
+    Decoding appends in place into buffers with room to spare and attends over views of their filled part:
+    a ``torch.cat`` per step copied the whole cache, i.e. twice the bytes the attention itself reads, at
+    every layer and step. The buffers start at ``reserve`` entries (or the first append's length, if
+    larger) and double when full; unused slots hold position -1 (padding). When autograd is recording
+    through the cache (never while decoding), appends concatenate instead, so no tensor of a graph is
+    written in place.
+    """
+
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     pos: torch.Tensor | None = None
+    n: int = 0  # filled entries
+    reserve: int = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        if self.k is None:
-            self.k, self.v, self.pos = k, v, pos
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-            self.pos = torch.cat([self.pos, pos], dim=1)
-        return self.k, self.v, self.pos
+        t = k.shape[2]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or
+                                        (self.k is not None and (self.k.requires_grad or self.v.requires_grad))):
+            if self.k is not None:
+                k = torch.cat([self.k[:, :, : self.n], k], dim=2)
+                v = torch.cat([self.v[:, :, : self.n], v], dim=2)
+                pos = torch.cat([self.pos[:, : self.n], pos], dim=1)
+            self.k, self.v, self.pos, self.n = k, v, pos, k.shape[2]
+            return k, v, pos
+        need = self.n + t
+        if self.k is None or need > self.k.shape[2]:
+            self._grow(max(need, self.reserve, 2 * (0 if self.k is None else self.k.shape[2])), k, v, pos)
+        self.k[:, :, self.n : need] = k
+        self.v[:, :, self.n : need] = v
+        self.pos[:, self.n : need] = pos
+        self.n = need
+        return self.k[:, :, :need], self.v[:, :, :need], self.pos[:, :need]
+
+    def _grow(self, capacity: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        b, h, _, d = k.shape
+        new_k = k.new_empty(b, h, capacity, d)
+        new_v = v.new_empty(b, h, capacity, v.shape[3])
+        new_pos = pos.new_full((b, capacity), -1)
+        if self.k is not None:
+            new_k[:, :, : self.n] = self.k[:, :, : self.n]
+            new_v[:, :, : self.n] = self.v[:, :, : self.n]
+            new_pos[:, : self.n] = self.pos[:, : self.n]
+        self.k, self.v, self.pos = new_k, new_v, new_pos
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.k is not None:
@@ -385,8 +418,11 @@ class Copilot(PreTrainedModel):
         return copilot
 
     # ------------------------------------------------------------------ forward
-    def new_cache(self) -> CopilotCache:
-        return CopilotCache([_KV() for _ in self.layers])
+    def new_cache(self, max_positions: int = 0) -> CopilotCache:
+        """An empty :class:`CopilotCache`. ``max_positions`` (prompt length + tokens to generate) sizes its
+        buffers up front (a log layer holds two entries per position), so decoding never regrows them."""
+        max_positions = check_int("max_positions", max_positions, low=0, what="an int >= 0")
+        return CopilotCache([_KV(reserve=max_positions * (2 if layer.is_log_layer else 1)) for layer in self.layers])
 
     def project_log(self, log_states: torch.Tensor) -> torch.Tensor:
         return self.pilot_proj(log_states.to(self.error_in.weight.dtype))

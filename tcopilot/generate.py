@@ -301,7 +301,8 @@ class _PairDecoder:
             self._z = _pilot_logits(self.model, self.h)
         return self._z
 
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int = 0) -> None:
+        """Run the prompt through both models. ``max_new_tokens`` sizes the Copilot's caches up front."""
         self.mask = mask.clone()
         pos = positions_from_mask(mask)
         self.states.reset()
@@ -310,7 +311,7 @@ class _PairDecoder:
         self.cur_pos = pos[:, -1].clamp(min=-1)
         if self.use_copilot:
             cop, states = self.copilot, self.states
-            self.ccache = cop.new_cache()
+            self.ccache = cop.new_cache(max_positions=input_ids.shape[1] + max_new_tokens)
             self.m_mat, self.m_vec = cop.feedback_matrices()
             self.wdtype = cop.error_in.weight.dtype
             stream = cop.error_in.bias.to(self.wdtype).expand(input_ids.shape[0], input_ids.shape[1], -1)
@@ -529,7 +530,7 @@ def generate(
         )
     with pilot_states(model.pilot) as states:
         dec = _PairDecoder(model, states, use_copilot)
-        dec.prefill(input_ids, attention_mask)
+        dec.prefill(input_ids, attention_mask, max_new_tokens)
         return _decode_loop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
                             (generator, seed), impl, eos_ids, pad_token_id)
 
@@ -627,7 +628,7 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     results = {}
     with pilot_states(model.pilot) as states:
         root = _PairDecoder(model, states, any(uses.values()))
-        root.prefill(input_ids, attention_mask)
+        root.prefill(input_ids, attention_mask, o["max_new_tokens"])
         for setting in settings:
             lam, fusion = setting
             results[setting] = _decode_loop(

@@ -63,7 +63,16 @@ def test_feedback_matrices_equal_two_vocab_products():
     torch.testing.assert_close(g @ mm + mv, m.error_in(m.error_out(g)), rtol=1e-5, atol=1e-5)
 
 
-def test_forward_shapes_padding_rows_and_cache_equivalence():
+@pytest.mark.parametrize("mode, impl", [("autograd", "torch"), ("grow", "torch"), ("reserved", "torch"),
+                                        ("grow", "triton")])
+def test_forward_shapes_padding_rows_and_cache_equivalence(mode, impl):
+    # autograd: the cache concatenates (parameters require grad); grow / reserved: no_grad decoding appends
+    # in place into buffers that double from the first append's size, or that new_cache sized up front.
+    # The Triton attention (interpreted without CUDA: conftest) reads the cache through strided views.
+    if impl == "triton":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("the model runs on CPU tensors here: the interpreter's variant")
     torch.manual_seed(0)
     cfg = CopilotConfig(
         vocab_size=30,
@@ -72,7 +81,7 @@ def test_forward_shapes_padding_rows_and_cache_equivalence():
         num_attention_heads=4,
         num_key_value_heads=2,
         pilot_hidden_size=12,
-        attention_impl="torch",
+        attention_impl=impl,
     )
     m = Copilot(cfg).eval()
     B, L = 2, 7
@@ -85,29 +94,28 @@ def test_forward_shapes_padding_rows_and_cache_equivalence():
     full = m(x, log, pos, lpos)
     assert full.shape == (B, L, 16) and torch.isfinite(full).all()
     # Incremental decoding with the cache gives the same states as the full forward.
-    cache = m.new_cache()
-    outs = [
-        m(
-            x[:, :3],
-            torch.cat([log[:, :3], log[:, L : L + 3]], 1),
-            pos[:, :3],
-            torch.cat([pos[:, :3], pos[:, :3]], 1),
-            cache=cache,
-        )
-    ]
-    for t in range(3, L):
-        outs.append(
-            m(
-                x[:, t : t + 1],
-                torch.cat([log[:, t : t + 1], log[:, L + t : L + t + 1]], 1),
-                pos[:, t : t + 1],
-                torch.cat([pos[:, t : t + 1], pos[:, t : t + 1]], 1),
-                cache=cache,
-            )
-        )
+    cache = m.new_cache(max_positions=L if mode == "reserved" else 0)
+    with torch.enable_grad() if mode == "autograd" else torch.no_grad():
+        outs = [m(x[:, :3], torch.cat([log[:, :3], log[:, L : L + 3]], 1), pos[:, :3],
+                  torch.cat([pos[:, :3], pos[:, :3]], 1), cache=cache)]
+        buffers = [kv.k.data_ptr() for kv in cache.layers]
+        for t in range(3, L):
+            step_pos = pos[:, t : t + 1]
+            outs.append(m(x[:, t : t + 1], torch.cat([log[:, t : t + 1], log[:, L + t : L + t + 1]], 1), step_pos,
+                          torch.cat([step_pos, step_pos], 1), cache=cache))
     inc = torch.cat(outs, 1)
     real = pos >= 0
     torch.testing.assert_close(inc[real], full[real], rtol=1e-4, atol=1e-5)
+    entries = [kv.n for kv in cache.layers]
+    assert entries == [L, 2 * L, L, 2 * L]
+    capacity = [kv.k.shape[2] for kv in cache.layers]
+    if mode == "autograd":
+        assert capacity == entries and inc.requires_grad
+    elif mode == "reserved":  # sized once: never regrown, every step wrote into the same buffers
+        assert capacity == entries and [kv.k.data_ptr() for kv in cache.layers] == buffers
+    else:  # 3 -> 6 -> 12 entries (log layers 6 -> 12 -> 24): doubled, unused slots are padding
+        assert capacity == [12, 24, 12, 24]
+        assert all(bool((kv.pos[:, kv.n :] == -1).all()) for kv in cache.layers)
 
 
 def test_config_errors():
