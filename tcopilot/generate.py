@@ -316,6 +316,9 @@ class _PairDecoder:
             self.wdtype = cop.error_in.weight.dtype
             stream = cop.error_in.bias.to(self.wdtype).expand(input_ids.shape[0], input_ids.shape[1], -1)
             log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
+            # int32 positions (< prompt + new tokens, far below 2**31): the attention compares int32, and
+            # int64 ones cost a rebase of every layer's whole cache positions at every step.
+            pos = pos.to(torch.int32)
             self.g = cop(stream, log, pos, torch.cat([pos, pos], 1), cache=self.ccache)[:, -1]
 
     def copilot_out(self) -> torch.Tensor | None:
@@ -335,6 +338,7 @@ class _PairDecoder:
         if self.use_copilot:
             fed = (self.g.float() @ self.m_mat + self.m_vec).to(self.wdtype)[:, None]  # error_in(f_prev)
             log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
+            new_pos = new_pos.to(torch.int32)
             self.g = self.copilot(fed, log, new_pos, torch.cat([new_pos, new_pos], 1), cache=self.ccache)[:, -1]
 
     def fork(self, use_copilot: bool) -> _PairDecoder:
