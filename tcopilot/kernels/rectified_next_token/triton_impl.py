@@ -118,6 +118,18 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _gumbel_score(w, keep, ids, u_row, seed_ptr, row, PHILOX: tl.constexpr, SEED_PER_ROW: tl.constexpr):
+    """The race's score ``w - log(-log u)`` of the kept lanes (-inf elsewhere); ``u`` of the token ``ids``
+    from in-kernel Philox, or read from the row of drawn uniforms (kept lanes only)."""
+    if PHILOX:
+        u = philox_uniforms(seed_ptr, row, ids, SEED_PER_ROW)
+    else:
+        u = tl.load(u_row + ids, mask=keep, other=0.5)
+    u = tl.maximum(u, 1.1754943508222875e-38)
+    return tl.where(keep, w - tl.log(-tl.log(u)), float("-inf"))
+
+
+@triton.jit
 def _search(
     z_row, f_row, bufw_row, bufi_row, u_row, seed_ptr, row, V, lam, m_z, s_z, M, T, base, cnt_base, n_buf,
     k, top_p, race,
@@ -251,13 +263,7 @@ def _search(
                 tl.store(bufi_row + pos, offs, mask=pick & (pos < CAP))
                 n_g += tl.sum(pick.to(tl.int32))
                 if race:
-                    above = w >= hi_g
-                    if PHILOX:
-                        u = philox_uniforms(seed_ptr, row, offs, SEED_PER_ROW)
-                    else:
-                        u = tl.load(u_row + offs, mask=above, other=0.5)
-                    u = tl.maximum(u, 1.1754943508222875e-38)
-                    score = tl.where(above, w - tl.log(-tl.log(u)), float("-inf"))
+                    score = _gumbel_score(w, w >= hi_g, offs, u_row, seed_ptr, row, PHILOX, SEED_PER_ROW)
                     t_max = tl.max(score)
                     token = tl.where(t_max > best, start + tl.argmax(score, axis=0), token)
                     best = tl.maximum(best, t_max)
@@ -307,12 +313,7 @@ def _search(
             keep = (idx < n_g) & (wb >= base) & (wb >= t)
             if IS_TOP_P:
                 keep = (idx < n_g) & (wb >= base) & ((wb >= t) | (tl.exp(wb) >= tl.exp(t)))
-            if PHILOX:
-                u = philox_uniforms(seed_ptr, row, ib, SEED_PER_ROW)
-            else:
-                u = tl.load(u_row + ib, mask=keep, other=0.5)
-            u = tl.maximum(u, 1.1754943508222875e-38)
-            score = tl.where(keep, wb - tl.log(-tl.log(u)), float("-inf"))
+            score = _gumbel_score(wb, keep, ib, u_row, seed_ptr, row, PHILOX, SEED_PER_ROW)
             b_max = tl.max(score)
             b_tok = tl.min(tl.where((score == b_max) & keep, ib, 2147483647)).to(tl.int64)
             take = (b_max > best) | ((b_max == best) & (b_tok < token))
@@ -430,13 +431,8 @@ def _rectified_next_token_kernel(
                     mask = offs < V
                     _, lw = fused_tile(z_row, f_row, offs, mask, lam, m_z, s_z, FUSION_PROBS)
                     w = tl.maximum((lw - M) / T, -3.4028234663852886e38)
-                    if PHILOX:
-                        u = philox_uniforms(seed_ptr, row, offs, SEED_PER_ROW)
-                    else:
-                        u = tl.load(u_row + offs, mask=mask, other=0.5)
-                    u = tl.maximum(u, 1.1754943508222875e-38)
                     keep = mask & (w >= thr) & ((w >= thr_p) | (tl.exp(w) >= e_p))
-                    score = tl.where(keep, w - tl.log(-tl.log(u)), float("-inf"))
+                    score = _gumbel_score(w, keep, offs, u_row, seed_ptr, row, PHILOX, SEED_PER_ROW)
                     t_max = tl.max(score)
                     token = tl.where(t_max > best, start + tl.argmax(score, axis=0), token)
                     best = tl.maximum(best, t_max)
