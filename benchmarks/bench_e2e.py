@@ -238,11 +238,13 @@ def prefill(cfg: Cfg, pilot, cop, way: str) -> DecodeState:
     if cop is not None:
         if way != "naive":
             set_attention_impl(cop, IMPL[way])
-        state.ccache = cop.new_cache()
+        # As generate does: caches sized for the step up front, int32 positions for the Copilot.
+        state.ccache = cop.new_cache(max_positions=cfg.dec_ctx + 1)
         stream = cop.error_in.bias.expand(cfg.dec_batch, cfg.dec_ctx, -1)  # prompt: "no error"
         log = torch.cat([st.x_tilde, st.pooled.to(st.x_tilde.dtype)], dim=1)
+        cpos = pos.to(torch.int32)
         with plain_attention() if way == "naive" else torch.no_grad():
-            state.g_prev = cop(stream, log, pos, torch.cat([pos, pos], 1), cache=state.ccache)[:, -1]
+            state.g_prev = cop(stream, log, cpos, torch.cat([cpos, cpos], 1), cache=state.ccache)[:, -1]
         state.f_prev = cop.error_out(state.g_prev).float()
         state.m_mat, state.m_vec = cop.feedback_matrices()
     return state
@@ -264,16 +266,17 @@ def decode_step(way: str, pilot, cop, s: DecodeState):
             hidden, _ = pilot_step()
         z = head(hidden[:, -1]).float()
         log = torch.cat([st.x_tilde, st.pooled.to(st.x_tilde.dtype)], dim=1)
-        log_pos = torch.cat([s.new_pos, s.new_pos], 1)
+        cpos = s.new_pos.to(torch.int32)
+        log_pos = torch.cat([cpos, cpos], 1)
         wdtype = cop.error_in.weight.dtype
         if way == "naive":
             fed = cop.error_in(s.f_prev.to(wdtype))[:, None]  # [B, V] @ [V, c]
             with plain_attention():
-                g = cop(fed, log, s.new_pos, log_pos, cache=s.live_ccache)[:, -1]
+                g = cop(fed, log, cpos, log_pos, cache=s.live_ccache)[:, -1]
             f = cop.error_out(g).float()  # [B, V]
             return (torch.softmax(z, dim=-1) + LAM * f).argmax(-1), g
         fed = (s.g_prev.float() @ s.m_mat + s.m_vec).to(wdtype)[:, None]  # error_in(f_prev), no V product
-        g = cop(fed, log, s.new_pos, log_pos, cache=s.live_ccache)[:, -1]
+        g = cop(fed, log, cpos, log_pos, cache=s.live_ccache)[:, -1]
         f = cop.error_out(g).float()
         return rectified_next_token(z, f, lam=LAM, impl=IMPL[way]), g
 
