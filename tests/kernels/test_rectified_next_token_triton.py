@@ -391,4 +391,6 @@ def test_gpu_large_vocab_matches_torch(fusion, dtype):
             w = _fused(z, f, 1.0, fusion)
             kth = torch.topk(w, top_k, -1).values[:, -1:]
             assert (w.gather(1, got[:, None]) >= kth).all()
-        assert passes.max() <= 25 and passes.float().mean() <= 10, passes.float().mean(0).tolist()
+        # walks of V after the statistics: searches (counting passes + gather) and pass D; on the CPU the
+        # benchmark's rows take 2 (top-k + top-p) and 4 (top-p alone), peaked rows like these fewer
+        assert passes.max() <= 25 and passes.sum(1).float().mean() <= 6, passes.float().mean(0).tolist()
