@@ -118,6 +118,13 @@ def test_forward_shapes_padding_rows_and_cache_equivalence(mode, impl):
         assert all(bool((kv.pos[:, kv.n :] == -1).all()) for kv in cache.layers)
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])
+def test_new_cache_rejects_bad_sizes(bad):
+    m = Copilot(CopilotConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2, num_attention_heads=2))
+    with pytest.raises(ValueError, match="^max_positions"):
+        m.new_cache(max_positions=bad)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="hidden_size"):
         CopilotConfig(vocab_size=10, hidden_size=10, num_attention_heads=4)
