@@ -130,8 +130,9 @@ def check_float32_range(name: str, value: float) -> float:
     return value
 
 
-def check_choice(name: str, value, choices: Sequence) -> None:
-    if value not in choices:
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+    # names as str (np.str_ is one): torch.float32, a list or an array is refused with the same message
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
 
 

@@ -44,9 +44,9 @@ from torch import nn
 from tcopilot._validation import FLOAT32_TINY, FLOAT_DTYPES, IMPLS, check_bool, check_choice, check_finite, check_int
 from tcopilot.kernels.rectified_decode_head import rectified_decode_head
 from tcopilot.kernels.rectified_next_token import rectified_next_token
-from tcopilot.kernels.rectified_next_token.api import check_seed
+from tcopilot.kernels.rectified_next_token.api import FUSIONS, check_seed
 from tcopilot.pilot import (
-    input_vocab_size,
+    check_token_ids,
     lm_head_operands,
     pilot_backbone,
     pilot_states,
@@ -238,21 +238,6 @@ def _vocab_size(model) -> int | None:
         return int(weight.shape[0])
     vocab = getattr(getattr(model.pilot, "config", None), "vocab_size", None)
     return vocab if isinstance(vocab, int) and vocab > 0 else None
-
-
-def _check_prompt_ids(model, input_ids: torch.Tensor) -> None:
-    """Prompt ids: an integer tensor of ids the Pilot's embedding holds (padding included: it is embedded too).
-    One host synchronisation per call; an IndexError deep inside ``torch.embedding`` otherwise."""
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids: expected an int64 or int32 tensor of token ids, got {input_ids.dtype}")
-    rows = input_vocab_size(model.pilot)
-    if rows is None:
-        return
-    lo, hi = (int(x) for x in torch.aminmax(input_ids))
-    if lo < 0 or hi >= rows:
-        raise ValueError(
-            f"input_ids: expected ids in [0, {rows}) (the Pilot's embedding), got {lo if lo < 0 else hi}"
-        )
 
 
 def _check_token_ids(model, eos_ids: list[int], pad_token_id: int) -> None:
@@ -515,9 +500,9 @@ def generate(
     max_new_tokens, temperature, top_k, top_p = o["max_new_tokens"], o["temperature"], o["top_k"], o["top_p"]
     eos_ids, pad_token_id = o["eos_token_ids"], o["pad_token_id"]
     _check_token_ids(model, eos_ids, pad_token_id)
-    _check_prompt_ids(model, input_ids)
+    check_token_ids(model.pilot, input_ids)
     check_finite("lam", lam)
-    check_choice("fusion", fusion, ("probs", "logits"))
+    check_choice("fusion", fusion, FUSIONS)
     check_choice("impl", impl, IMPLS)
     check_seed(seed, generator, input_ids.shape[0], input_ids.device)
 
@@ -615,7 +600,7 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     if not settings:
         raise ValueError("settings: expected at least one (lam, fusion) pair, got none")
     for _, fusion in settings:
-        check_choice("fusion", fusion, ("probs", "logits"))
+        check_choice("fusion", fusion, FUSIONS)
     attention_mask = _check_prompts(input_ids, attention_mask)
     impl, generator = options.pop("impl", "auto"), options.pop("generator", None)
     seed = options.pop("seed", None)
@@ -625,7 +610,7 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     if o["num_beams"] != 1:
         raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")
     _check_token_ids(model, o["eos_token_ids"], o["pad_token_id"])
-    _check_prompt_ids(model, input_ids)
+    check_token_ids(model.pilot, input_ids)
     if o["max_new_tokens"] == 0:
         return {setting: input_ids for setting in settings}
     uses = {setting: _uses_copilot(model, setting[0]) for setting in settings}

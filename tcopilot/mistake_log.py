@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tcopilot._validation import check_bool, check_int
+from tcopilot._validation import check_bool, check_choice, check_int
 
 POOLED_DTYPES = ("bfloat16", "float16", "int8", "float32")
 TOPK_DTYPES = ("float32", "float16", "bfloat16")
@@ -180,12 +180,6 @@ class LogEntry:
 
 
 # ---------------------------------------------------------------------------------------------- the buffer
-def _check_choice(name, value, choices):
-    # names as str (np.str_ is one): torch.float32 or a list is refused with the same message
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-
-
 class MistakeLog:
     """Bounded replay buffer of the Pilot's compressed Mistake Log (paper Algorithm 1; DESIGN.md 4.4).
 
@@ -224,8 +218,8 @@ class MistakeLog:
         seed = check_int("seed", seed, low=-(2**63), high=2**64 - 1, what="an int in [-2**63, 2**64)")
         ignore_index = check_int("ignore_index", ignore_index, what="an int (within int64)")
         if pooled_dtype is not None:
-            _check_choice("pooled_dtype", pooled_dtype, POOLED_DTYPES)
-        _check_choice("topk_dtype", topk_dtype, TOPK_DTYPES)
+            check_choice("pooled_dtype", pooled_dtype, POOLED_DTYPES)
+        check_choice("topk_dtype", topk_dtype, TOPK_DTYPES)
         if pin_memory is not None:
             check_bool("pin_memory", pin_memory, "a bool or None")
         self.capacity, self.max_bytes, self.topk = capacity, max_bytes, topk

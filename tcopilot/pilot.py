@@ -33,6 +33,17 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+def _choice_property(name: str, choices: tuple[str, ...]) -> property:
+    """An attribute that only takes one of ``choices``, checked at every assignment (``check_choice``)."""
+    attr = "_" + name
+
+    def set_value(self, value: str) -> None:
+        check_choice(name, value, choices)
+        setattr(self, attr, value)
+
+    return property(lambda self: getattr(self, attr), set_value)
+
+
 def input_vocab_size(pilot: nn.Module) -> int | None:
     """Rows of the Pilot's input embedding (None when it has no plain one to read)."""
     try:
@@ -41,6 +52,20 @@ def input_vocab_size(pilot: nn.Module) -> int | None:
         return None
     weight = getattr(emb, "weight", None)
     return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def check_token_ids(pilot: nn.Module, input_ids: torch.Tensor) -> None:
+    """``input_ids`` must be int64/int32 ids of the Pilot's input embedding: one host synchronisation (an
+    IndexError deep inside ``torch.embedding`` otherwise)."""
+    if input_ids.dtype not in ID_DTYPES:
+        raise ValueError(f"input_ids: expected token ids of dtype int64 or int32, got {_dtype_name(input_ids)}")
+    vocab = input_vocab_size(pilot)
+    if vocab is None:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the Pilot's input embedding), "
+                         f"got {lo if lo < 0 else hi}")
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -376,23 +401,8 @@ class TransformerCopilot(nn.Module):
     # ``impl``, ``log_mode`` and ``mistake_log`` stay assignable attributes (benchmarks and the Trainer set them after
     # construction); the setters check every assignment, so a bad value fails where it is given, not at a later
     # forward (or never: generate does not read ``mistake_log``).
-    @property
-    def impl(self) -> str:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str) -> None:
-        check_choice("impl", value, IMPLS)
-        self._impl = value
-
-    @property
-    def log_mode(self) -> str:
-        return self._log_mode
-
-    @log_mode.setter
-    def log_mode(self, value: str) -> None:
-        check_choice("log_mode", value, LOG_MODES)
-        self._log_mode = value
+    impl = _choice_property("impl", IMPLS)
+    log_mode = _choice_property("log_mode", LOG_MODES)
 
     @property
     def mistake_log(self) -> MistakeLog | None:
@@ -502,11 +512,7 @@ class TransformerCopilot(nn.Module):
         if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
             # The range check reads the ids on the host: free for CPU tensors, a synchronisation per step on an
             # accelerator, where it is left out (as in Hugging Face models; the embedding's own index check fires).
-            vocab = input_vocab_size(self.pilot)
-            lo, hi = (int(v) for v in torch.aminmax(input_ids))
-            if vocab is not None and (lo < 0 or hi >= vocab):
-                raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the Pilot's input embedding), "
-                                 f"got {lo if lo < 0 else hi}")
+            check_token_ids(self.pilot, input_ids)
 
     def generate(self, input_ids, max_new_tokens=None, lam: float = 1.0, fusion: str = "probs", **kwargs):
         """Algorithm 2: see :func:`tcopilot.generate.generate` for every option (``GenerationConfig`` names;

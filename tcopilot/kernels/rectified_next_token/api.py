@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from ..._validation import (
@@ -12,6 +10,7 @@ from ..._validation import (
     check_choice,
     check_finite,
     check_float32_range,
+    check_int,
     check_tensor,
     resolve_impl,
 )
@@ -89,8 +88,8 @@ def check_seed(seed, generator, batch: int, device: torch.device) -> None:
                 f"got shape {list(seed.shape)}"
             )
         check_row_option("seed", seed, batch, device, integer=True)
-    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**63:
-        raise ValueError(f"seed: expected an int in [-2**63, 2**63) or a [{batch}] integer tensor, got {seed!r}")
+    else:
+        check_int("seed", seed, what=f"an int in [-2**63, 2**63) or a [{batch}] integer tensor")
 
 
 def _validate(pilot_logits, copilot_out, lam, fusion, temperature, top_k, top_p, generator, seed):
@@ -119,10 +118,8 @@ def _validate(pilot_logits, copilot_out, lam, fusion, temperature, top_k, top_p,
             )
     if isinstance(top_k, torch.Tensor):
         check_row_option("top_k", top_k, batch, device, integer=True)
-    elif not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {top_k!r}")
     else:
-        top_k = int(top_k)
+        top_k = check_int("top_k", top_k, low=0, what="an int >= 0 (0 = off)")
     if isinstance(top_p, torch.Tensor):
         check_row_option("top_p", top_p, batch, device, integer=False)
     else:
