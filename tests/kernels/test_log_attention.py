@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 
 import pytest
@@ -228,6 +230,10 @@ def test_log_attention_auto_is_torch_on_cpu():
 
 
 def test_log_attention_triton_on_cpu_never_falls_back(monkeypatch):
+    if importlib.util.find_spec("triton") is not None:
+        # Import (decorate) the kernels under the interpreter first: one first imported without it would stay
+        # compiled for a GPU for every later test of the session.
+        importlib.import_module("tcopilot.kernels.log_attention.triton_impl")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v, q_pos, k_pos, _ = _make("causal", 1, 2, 1, 9, 8, 8, torch.float32)
     # NotImplementedError while no kernel is importable, ValueError (needs CUDA) once there is one

@@ -3,6 +3,7 @@ the sampled distribution (chi-square), the all-zero fallback and input validatio
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
@@ -235,6 +236,10 @@ def test_rows_with_nothing_left_after_clamp_fall_back_to_pilot_argmax(top_k, top
 
 
 def test_impl_triton_never_falls_back(monkeypatch):
+    if importlib.util.find_spec("triton") is not None:
+        # Import (decorate) the kernels under the interpreter first: one first imported without it would stay
+        # compiled for a GPU for every later test of the session (a run of this file alone, say).
+        importlib.import_module("tcopilot.kernels.rectified_next_token.triton_impl")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     z, f = _inputs(2, 10)
     kernel = importlib.util.find_spec("tcopilot.kernels.rectified_next_token.triton_impl")
