@@ -200,16 +200,25 @@ class _KV:
     larger) and double when full; unused slots hold position -1 (padding). When autograd is recording
     through the cache (never while decoding), appends concatenate instead, so no tensor of a graph is
     written in place.
+
+    ``static=True`` (CUDA-graph decoding, :mod:`tcopilot.graph_decode`): the buffers hold exactly ``reserve``
+    entries, never grow, and appends write at a device-side count of filled entries (``fill``, advanced in
+    place), so a captured step replays with the same shapes and addresses; the attention then reads the
+    whole buffers, its kernels skipping the unfilled (position -1) key tiles.
     """
 
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     pos: torch.Tensor | None = None
-    n: int = 0  # filled entries
+    n: int = 0  # filled entries (static: as of the last eager append; graph replays advance ``fill`` only)
     reserve: int = 0
+    static: bool = False
+    fill: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         t = k.shape[2]
+        if self.static:
+            return self._append_static(k, v, pos)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or
                                         (self.k is not None and (self.k.requires_grad or self.v.requires_grad))):
             if self.k is not None:
@@ -227,6 +236,24 @@ class _KV:
         self.n = need
         return self.k[:, :, :need], self.v[:, :, :need], self.pos[:, :need]
 
+    def _append_static(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        t = k.shape[2]
+        if self.k is None:
+            self._grow(self.reserve, k, v, pos)
+            self.fill = torch.zeros((), dtype=torch.int64, device=k.device)
+        if self.n + t > self.k.shape[2]:
+            raise ValueError(
+                f"cache: a static Copilot cache holds {self.k.shape[2]} entries and {self.n} are filled, got "
+                f"{t} more; size it with Copilot.new_cache(max_positions=prompt length + new tokens, static=True)"
+            )
+        idx = self.fill + torch.arange(t, device=k.device)
+        self.k.index_copy_(2, idx, k)
+        self.v.index_copy_(2, idx, v)
+        self.pos.index_copy_(1, idx, pos.to(self.pos.dtype))
+        self.fill += t
+        self.n += t
+        return self.k, self.v, self.pos
+
     def _grow(self, capacity: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         b, h, _, d = k.shape
         new_k = k.new_empty(b, h, capacity, d)
@@ -239,7 +266,12 @@ class _KV:
         self.k, self.v, self.pos = new_k, new_v, new_pos
 
     def reorder(self, index: torch.Tensor) -> None:
-        if self.k is not None:
+        if self.k is None:
+            return
+        if self.static:  # same addresses (a captured graph reads these buffers)
+            for buf in (self.k, self.v, self.pos):
+                buf.copy_(buf[index])
+        else:
             self.k, self.v, self.pos = self.k[index], self.v[index], self.pos[index]
 
 
@@ -418,11 +450,20 @@ class Copilot(PreTrainedModel):
         return copilot
 
     # ------------------------------------------------------------------ forward
-    def new_cache(self, max_positions: int = 0) -> CopilotCache:
+    def new_cache(self, max_positions: int = 0, *, static: bool = False) -> CopilotCache:
         """An empty :class:`CopilotCache`. ``max_positions`` (prompt length + tokens to generate) sizes its
-        buffers up front (a log layer holds two entries per position), so decoding never regrows them."""
+        buffers up front (a log layer holds two entries per position), so decoding never regrows them.
+
+        ``static=True``: buffers of exactly that size, filled at a device-side count, attended over whole
+        (unfilled slots are padding), so every decode step has the same shapes and addresses: what a CUDA
+        graph needs (:mod:`tcopilot.graph_decode`). Appending past the size raises a ValueError."""
         max_positions = check_int("max_positions", max_positions, low=0, what="an int >= 0")
-        return CopilotCache([_KV(reserve=max_positions * (2 if layer.is_log_layer else 1)) for layer in self.layers])
+        static = check_bool("static", static)
+        if static and max_positions == 0:
+            raise ValueError("max_positions: a static cache needs its size (prompt length + new tokens), got 0")
+        return CopilotCache([
+            _KV(reserve=max_positions * (2 if layer.is_log_layer else 1), static=static) for layer in self.layers
+        ])
 
     def project_log(self, log_states: torch.Tensor) -> torch.Tensor:
         return self.pilot_proj(log_states.to(self.error_in.weight.dtype))

@@ -270,10 +270,15 @@ class _PairDecoder:
     ``z`` only, so the fused decode head never materialises them) and the Copilot's last final hidden state
     ``g`` (whose ``error_in(error_out(g)) = g @ M + m`` is the Copilot's next input). Must be used inside
     ``pilot_states(model.pilot)`` (``states``).
+
+    ``static=True`` (:mod:`tcopilot.graph_decode`): fixed-size caches (a ``transformers.StaticCache`` for the
+    Pilot, ``Copilot.new_cache(static=True)``), the attention mask allocated at its final length by
+    :meth:`prefill`, and :meth:`advance` updating the state it reads at the next step (positions, ``h``, ``g``)
+    in place: a step has the same shapes and addresses every time, so it can be captured in a CUDA graph.
     """
 
-    def __init__(self, model, states, use_copilot: bool):
-        self.model, self.states, self.use_copilot = model, states, use_copilot
+    def __init__(self, model, states, use_copilot: bool, static: bool = False):
+        self.model, self.states, self.use_copilot, self.static = model, states, use_copilot, static
         self.base = pilot_backbone(model.pilot)
         self.copilot = model.copilot if use_copilot else None
         self.h, self._z = None, None
@@ -287,16 +292,26 @@ class _PairDecoder:
         return self._z
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int = 0) -> None:
-        """Run the prompt through both models. ``max_new_tokens`` sizes the Copilot's caches up front."""
-        self.mask = mask.clone()
+        """Run the prompt through both models. ``max_new_tokens`` sizes the Copilot's caches up front (and
+        every cache and the mask, ``static``)."""
+        total = input_ids.shape[1] + max_new_tokens
         pos = positions_from_mask(mask)
         self.states.reset()
-        hidden, self.cache = run_base(self.base, input_ids, mask, pos.clamp(min=0), use_cache=True)
-        self.h, self._z = hidden[:, -1], None
+        cache = None
+        if self.static:
+            # The new tokens' mask entries are 1 from the start: the Pilot's causal mask hides the slots
+            # not yet written (key index past the query's), as HF's own static-cache decoding relies on.
+            self.mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
+            cache = static_pilot_cache(self.base, total)
+        else:
+            self.mask = mask.clone()
+        hidden, self.cache = run_base(self.base, input_ids, self.mask, pos.clamp(min=0), cache=cache,
+                                      use_cache=True)  # fmt: skip
+        self.h, self._z = hidden[:, -1].clone() if self.static else hidden[:, -1], None
         self.cur_pos = pos[:, -1].clamp(min=-1)
         if self.use_copilot:
             cop, states = self.copilot, self.states
-            self.ccache = cop.new_cache(max_positions=input_ids.shape[1] + max_new_tokens)
+            self.ccache = cop.new_cache(max_positions=total, static=self.static)
             self.m_mat, self.m_vec = cop.feedback_matrices()
             self.wdtype = cop.error_in.weight.dtype
             stream = cop.error_in.bias.to(self.wdtype).expand(input_ids.shape[0], input_ids.shape[1], -1)
@@ -304,27 +319,32 @@ class _PairDecoder:
             # int32 positions (< prompt + new tokens, far below 2**31): the attention compares int32, and
             # int64 ones cost a rebase of every layer's whole cache positions at every step.
             pos = pos.to(torch.int32)
-            self.g = cop(stream, log, pos, torch.cat([pos, pos], 1), cache=self.ccache)[:, -1]
+            self.g = cop(stream, log, pos, torch.cat([pos, pos], 1), cache=self.ccache)[:, -1].clone()
 
     def copilot_out(self) -> torch.Tensor | None:
         """``f = error_out(g)`` [rows, V] fp32 for the next token, or None without the Copilot."""
         return self.copilot.error_out(self.g).float() if self.use_copilot else None
 
     def advance(self, tokens: torch.Tensor) -> None:
-        """Feed one new token per row; updates ``h`` (hence ``z``) and ``g``."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.cur_pos = self.cur_pos + 1
+        """Feed one new token per row; updates ``h`` (hence ``z``) and ``g`` (``static``: in place)."""
+        if self.static:
+            self.cur_pos += 1  # a captured step must advance the state the next replay reads
+        else:
+            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            self.cur_pos = self.cur_pos + 1
         new_pos = self.cur_pos[:, None]
         states = self.states
         states.reset()
         hidden, self.cache = run_base(self.base, tokens[:, None], self.mask if self.mask_on_decode else None,
                                       new_pos.clamp(min=0), cache=self.cache, use_cache=True)
-        self.h, self._z = hidden[:, -1], None
+        self._z = None
+        self.h = self.h.copy_(hidden[:, -1]) if self.static else hidden[:, -1]
         if self.use_copilot:
             fed = (self.g.float() @ self.m_mat + self.m_vec).to(self.wdtype)[:, None]  # error_in(f_prev)
             log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
             new_pos = new_pos.to(torch.int32)
-            self.g = self.copilot(fed, log, new_pos, torch.cat([new_pos, new_pos], 1), cache=self.ccache)[:, -1]
+            g = self.copilot(fed, log, new_pos, torch.cat([new_pos, new_pos], 1), cache=self.ccache)[:, -1]
+            self.g = self.g.copy_(g) if self.static else g
 
     def fork(self, use_copilot: bool) -> _PairDecoder:
         """An independent decoder from this prefilled state (its own copies of the caches), with or without the
@@ -349,6 +369,24 @@ class _PairDecoder:
         if self.use_copilot:
             self.ccache.reorder(index)
             self.g = self.g[index]
+
+
+def static_pilot_cache(base: nn.Module, max_len: int):
+    """A ``transformers.StaticCache`` of ``max_len`` positions for the Pilot's backbone ``base``.
+
+    Raises a ValueError for a family whose transformers class does not declare static-cache decoding
+    (``_can_compile_fullgraph``: e.g. Mamba's recurrent state, GPT-2's legacy cache).
+    """
+    from transformers import StaticCache
+
+    if not getattr(base, "_can_compile_fullgraph", False):
+        family = getattr(base.config, "model_type", type(base).__name__)
+        raise ValueError(
+            f"cuda_graph: the Pilot's family ({family}) has no static KV cache in transformers "
+            f"({type(base).__name__}._can_compile_fullgraph is False), so its decode step cannot be captured; "
+            "decode without cuda_graph"
+        )
+    return StaticCache(config=base.config, max_cache_len=max_len)
 
 
 def reorder_pilot_cache(cache, index: torch.Tensor):
@@ -418,6 +456,7 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | torch.Tensor | None = None,
     impl: str = "auto",
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Generate with the Pilot rectified by the Copilot; returns ``[B, L + new]`` token ids.
 
@@ -476,6 +515,15 @@ def generate(
             LM head that is not a plain ``nn.Linear`` (a bias is fine; one carrying a PEFT adapter is not; PEFT's
             ``modules_to_save`` wrapper counts as the copy it runs) takes the materialised path, with
             ``rectified_next_token(impl=impl)``; see the module docstring.
+        cuda_graph: decode with static caches and replay each step as one CUDA graph
+            (:mod:`tcopilot.graph_decode`): the same tokens, without the per-step launch cost of the Pilot's
+            and the Copilot's kernels, which dominates small-batch decoding. Needs CUDA tensors, a Pilot family
+            with a static KV cache in transformers (``_can_compile_fullgraph``: Llama, Qwen2, Mistral, Gemma,
+            ...), ``num_beams=1`` and a ``seed`` or the default generator for sampling (a user ``generator``
+            needs ``CUDAGraph.register_generator_state``). Each call captures its own graph (a few eager warm-up
+            steps first), so it pays off from a few dozen new tokens on. Both caches hold ``L + max_new_tokens``
+            positions from the start, and the Pilot's attention reads all of them at every step (HF's static
+            cache), so a ``max_new_tokens`` far beyond what is generated costs bandwidth.
 
     Raises:
         ValueError: naming the option, for bad shapes (``input_ids``, ``attention_mask``), ``input_ids`` that are
@@ -487,7 +535,9 @@ def generate(
             (``early_stopping`` also ``"never"``); ``eos_token_id`` / ``pad_token_id`` not ints (or a list of
             ints) in ``[0, V)`` for the Pilot's vocabulary size ``V`` (its LM head's rows); with ``num_beams > 1``
             a ``length_penalty`` with ``max_new_tokens ** |length_penalty|`` past the float32 range (about
-            ``|length_penalty| * ln(max_new_tokens) > 87.3``); beam sampling; ``seed``; and
+            ``|length_penalty| * ln(max_new_tokens) > 87.3``); beam sampling; ``seed``; ``cuda_graph`` not a bool,
+            or True with CPU tensors, beam search, a Pilot family without a static cache or the Copilot's
+            ``attention_impl="torch"``; and
             ``generation_config`` fields that would change the output but are not implemented.
         TypeError: an unknown keyword (as ``PreTrainedModel.generate`` would).
     """
@@ -505,10 +555,20 @@ def generate(
     check_choice("fusion", fusion, FUSIONS)
     check_choice("impl", impl, IMPLS)
     check_seed(seed, generator, input_ids.shape[0], input_ids.device)
+    cuda_graph = check_bool("cuda_graph", cuda_graph)
+    if cuda_graph and o["num_beams"] > 1:
+        raise ValueError(f"cuda_graph: beam search is not captured (num_beams=1 only), got num_beams={o['num_beams']}")
+    if cuda_graph and input_ids.device.type != "cuda":
+        raise ValueError(f"cuda_graph: expected CUDA tensors (input_ids), got them on {input_ids.device}")
 
     use_copilot = _uses_copilot(model, lam)
     if max_new_tokens == 0:
         return input_ids
+    if cuda_graph:
+        from tcopilot.graph_decode import graph_decode
+
+        return graph_decode(model, input_ids, attention_mask, max_new_tokens, lam, fusion, temperature, top_k, top_p,
+                            (generator, seed), impl, eos_ids, pad_token_id, use_copilot=use_copilot)  # fmt: skip
     if o["num_beams"] > 1:
         from tcopilot.beam_search import beam_search
 
@@ -546,6 +606,26 @@ def _step_randomness(randomness, step: int) -> dict:
     return dict(seed=_as_int64(seed + offset))
 
 
+def _pick_next(model, dec: _PairDecoder, head, lam, fusion, temperature, top_k, top_p, impl, randomness: dict):
+    """The next token of every row from ``dec``'s state: the fused decode head when ``head`` (from
+    :func:`_decode_head_weights`) is not None, else the materialised ``z`` and ``f`` and the sampler.
+    ``randomness``: the sampler's ``generator=`` / ``seed=`` keywords for this step."""
+    if head is not None:  # fused head: both products and the choice in one call
+        # the Pilot's output scale enters through h and the head's bias, as in training:
+        # s (h W^T + c) = (s h) W^T + s c (c None for a bias-free head)
+        h, weight, bias = lm_head_operands(head[0], dec.h, model.logit_scale)
+        return rectified_decode_head(
+            h, weight, dec.g, head[1], head[2], lm_head_bias=bias, lam=lam, fusion=fusion,
+            temperature=temperature, top_k=top_k, top_p=top_p, softcap=model.softcap or None, impl=impl,
+            **randomness,
+        )
+    f = dec.copilot_out()
+    return rectified_next_token(
+        dec.z, torch.zeros_like(dec.z) if f is None else f, lam=lam if dec.use_copilot else 0.0,
+        fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, impl=impl, **randomness,
+    )
+
+
 def _decode_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
                  randomness, impl, eos_ids, pad_token_id) -> torch.Tensor:
     """Algorithm 2 from a prefilled decoder (``num_beams=1``): ``[B, L + new]`` ids (see :func:`generate`).
@@ -554,27 +634,10 @@ def _decode_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusio
     device = input_ids.device
     out_ids = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
-    use_copilot = dec.use_copilot
     head = _decode_head_weights(model, dec, impl)
-    softcap = model.softcap or None
-    scale = model.logit_scale
     for step in range(max_new_tokens):
-        if head is not None:  # fused head: both products and the choice in one call
-            # the Pilot's output scale enters through h and the head's bias, as in training:
-            # s (h W^T + c) = (s h) W^T + s c (c None for a bias-free head)
-            h, weight, bias = lm_head_operands(head[0], dec.h, scale)
-            nxt = rectified_decode_head(
-                h, weight, dec.g, head[1], head[2], lm_head_bias=bias, lam=lam, fusion=fusion,
-                temperature=temperature, top_k=top_k, top_p=top_p, softcap=softcap, impl=impl,
-                **_step_randomness(randomness, step),
-            )
-        else:
-            f = dec.copilot_out()
-            nxt = rectified_next_token(
-                dec.z, torch.zeros_like(dec.z) if f is None else f, lam=lam if use_copilot else 0.0,
-                fusion=fusion, temperature=temperature, top_k=top_k, top_p=top_p, impl=impl,
-                **_step_randomness(randomness, step),
-            )
+        nxt = _pick_next(model, dec, head, lam, fusion, temperature, top_k, top_p, impl,
+                         _step_randomness(randomness, step))  # fmt: skip
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
         if eos_ids:

@@ -156,6 +156,22 @@ def test_per_row_seeds_make_rows_independent_of_their_batch(impl):
     assert len(draws) > 1
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_dim_seed_tensor_is_the_int_seed_read_on_the_device(impl):
+    # A CUDA graph cannot bake a Python int into a replay: a 0-d tensor seed is the int's stream (counter by row).
+    z, f = _inputs(4, 300, seed=5)
+    kw = dict(lam=1.0, temperature=1.1, top_k=40, top_p=0.9)
+    for seed in (7, -3, 2**63 - 5):
+        want = rectified_next_token(z, f, impl=impl, seed=seed, **kw)
+        got = rectified_next_token(z, f, impl=impl, seed=torch.tensor(seed, device=DEV), **kw)
+        assert torch.equal(got, want)
+    assert torch.equal(philox_uniforms(torch.tensor(9), 3, 50, DEV), philox_uniforms(9, 3, 50, DEV))
+    # the split-row kernels (no filter) take the same key
+    want = rectified_next_token(z, f, impl=impl, seed=11, lam=1.0, temperature=1.0)
+    assert torch.equal(rectified_next_token(z, f, impl=impl, seed=torch.tensor(11, device=DEV), lam=1.0,
+                                            temperature=1.0), want)  # fmt: skip
+
+
 def test_seeded_draws_follow_the_distribution():
     # 20000 rows of one distribution, one seed per row: the Philox stream is a sampler, not just a hash.
     n, v = 20000, 12
@@ -177,7 +193,7 @@ def test_decode_head_per_row_options_and_seed(impl):
     gc, a = torch.randn(6, 40, generator=g), 0.02 * torch.randn(300, 40, generator=g)
     args = [x.to(DEV) for x in (h, w, gc, a)] + [None]
     t, k, p = _per_row_options(300)
-    for randomness in (dict(seed=5), dict(seed=torch.arange(6, device=DEV))):
+    for randomness in (dict(seed=5), dict(seed=torch.tensor(5, device=DEV)), dict(seed=torch.arange(6, device=DEV))):
         kw = dict(lam=1.0, temperature=t, top_k=k, top_p=p, **randomness)
         assert torch.equal(rectified_decode_head(*args, impl=impl, **kw), rectified_decode_head_reference(*args, **kw))
 
@@ -189,7 +205,8 @@ BAD = [
     ("seed", dict(seed=1.5), "seed"),
     ("seed", dict(seed=True), "seed"),
     ("seed", dict(seed=2**63), "seed"),
-    ("seed", dict(seed=torch.tensor(3)), "shape"),
+    ("seed", dict(seed=torch.ones(3, 1, dtype=torch.int64)), "shape"),
+    ("seed", dict(seed=torch.tensor(3.0)), "integer"),
     ("seed", dict(seed=torch.tensor([1.0, 2.0, 3.0])), "integer"),
     ("seed", dict(seed=torch.tensor([1, 2])), "shape"),
     ("seed", dict(seed=3, generator=torch.Generator()), "generator"),

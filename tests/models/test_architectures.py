@@ -253,6 +253,25 @@ def test_fused_decode_head_picks_materialised_tokens(arch, head_calls, monkeypat
             assert not torch.equal(plain, ref), f"{arch} {fusion}: its logit scale / soft-cap changes no token"
 
 
+def test_static_decoding_equals_generate_or_is_refused(arch):
+    """``generate(cuda_graph=True)``'s static caches, run eagerly: the same tokens for every family whose
+    transformers class declares static-cache decoding, a ValueError naming the option for the others."""
+    from tcopilot.graph_decode import graph_decode
+
+    pilot = _pilot(arch)
+    model = _pair(pilot, error_out_std=ERROR_OUT_STD["probs"])
+    ids, mask = _prompts()
+    args = (model, ids, mask, 3, 1.0, "probs", 1.0, 0, 1.0, (None, 4), "torch", [EOS], PAD)
+    if not getattr(pilot.base_model, "_can_compile_fullgraph", False):
+        with pytest.raises(ValueError, match="cuda_graph: the Pilot's family"):
+            graph_decode(*args, use_copilot=True, capture=False)
+        return
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=3, temperature=1.0, seed=4, eos_token_id=EOS,
+                          pad_token_id=PAD, impl="torch")  # fmt: skip
+    got = graph_decode(*args, use_copilot=True, capture=False)
+    assert torch.equal(got, want), f"{arch}: {got[:, ids.shape[1]:]} vs {want[:, ids.shape[1]:]}"
+
+
 def test_multi_stream_decoder_layers_are_refused_with_a_copilot():
     """Gemma-3n's AltUp decoder layers carry ``[streams, batch, length, hidden]``: which stream is the Mistake Log's
     state is not tcopilot's to guess, so a Copilot is refused with a ValueError; the Pilot alone gets HF's loss."""

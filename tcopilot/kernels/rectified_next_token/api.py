@@ -76,16 +76,17 @@ def check_row_values(lam, temperature, top_k, top_p) -> None:
 
 
 def check_seed(seed, generator, batch: int, device: torch.device) -> None:
-    """``seed``: None, an int within int64, or a [B] integer tensor on ``device``; never with a ``generator``."""
+    """``seed``: None, an int within int64, a 0-d integer tensor (the same as an int, read on the device) or a
+    [B] integer tensor on ``device``; never with a ``generator``."""
     if seed is None:
         return
     if generator is not None:
         raise ValueError("seed: expected None when a generator is given (seed selects the Philox uniforms)")
     if isinstance(seed, torch.Tensor):
-        if seed.dim() != 1 or seed.shape[0] != batch:
+        if seed.dim() > 1 or (seed.dim() == 1 and seed.shape[0] != batch):
             raise ValueError(
-                f"seed: expected an int or an integer tensor of shape [{batch}] (one seed per row), "
-                f"got shape {list(seed.shape)}"
+                f"seed: expected an int, a 0-d integer tensor or an integer tensor of shape [{batch}] (one seed "
+                f"per row), got shape {list(seed.shape)}"
             )
         check_row_option("seed", seed, batch, device, integer=True)
     else:
@@ -200,8 +201,9 @@ def rectified_next_token(
         top_p: in ``(0, 1]`` (1 = off). Or a ``[B]`` float tensor.
         generator: ``torch.Generator`` on the inputs' device type, or None (the default generator).
         seed: None (``u`` from ``generator``), an int (Philox key for the batch; counter = (token id,
-            row)), or a ``[B]`` integer tensor of per-row keys (counter = (token id, 0)); only with
-            ``generator=None``.
+            row)), a 0-d integer tensor (the same as that int, but read on the device: a CUDA graph replays
+            it with whatever value it holds), or a ``[B]`` integer tensor of per-row keys (counter = (token
+            id, 0)); only with ``generator=None``.
         impl: ``"auto"`` (Triton on CUDA tensors, PyTorch otherwise), ``"torch"`` or ``"triton"``
             (``triton_impl.py``: no vocabulary sort, same tokens as ``"torch"`` for the same generator
             state or seed up to fp32 rounding ties).

@@ -35,11 +35,14 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox_uniforms(seed: int | torch.Tensor, batch: int, vocab: int, device: torch.device | str) -> torch.Tensor:
     """``u`` [batch, vocab] fp32 in [0, 1), as the Triton sampler draws it for ``seed``.
 
-    ``seed``: an int (one key for the batch, counter word 1 = the row) or a [batch] integer tensor (a key
-    per row, counter word 1 = 0). Seeds are read as int64; only their 64 bits matter.
+    ``seed``: an int or a 0-d integer tensor (one key for the batch, counter word 1 = the row) or a [batch]
+    integer tensor (a key per row, counter word 1 = 0). Seeds are read as int64; only their 64 bits matter.
     """
     ids = torch.arange(vocab, dtype=torch.int64, device=device)[None, :]
-    if isinstance(seed, torch.Tensor):
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0:  # one key, read on the device (no host value)
+        key = seed.to(device=device, dtype=torch.int64).reshape(1, 1).expand(batch, 1)
+        c1 = torch.arange(batch, dtype=torch.int64, device=device)[:, None]
+    elif isinstance(seed, torch.Tensor):
         key = seed.to(device=device, dtype=torch.int64).reshape(-1, 1)
         c1 = torch.zeros((batch, 1), dtype=torch.int64, device=device)
     else:

@@ -485,7 +485,7 @@ def rectified_next_token_triton(
     Randomness: with ``seed=None`` (default) the uniforms are ``torch.rand([B, V], generator)`` clamped
     to ``finfo(float32).tiny``, exactly as ``impl="torch"`` draws them (so the same generator gives the
     same tokens); they are drawn when ``temperature`` is a positive number or any tensor, never for a
-    greedy call with a number. ``seed`` (an int, or a [B] integer tensor of per-row seeds) switches to
+    greedy call with a number. ``seed`` (an int or 0-d tensor, or a [B] integer tensor of per-row seeds) switches to
     Philox uniforms generated in the kernel: nothing of size V is drawn or read, ``generator`` must then
     be None. Same seed, same tokens; a per-row seed makes a row's draw independent of its batch position.
     ``philox.philox_uniforms`` computes the same numbers in PyTorch (the reference and ``impl="torch"``).
@@ -546,7 +546,7 @@ def rectified_next_token_triton(
         f = f.contiguous()
 
     philox = sample and seed is not None
-    seed_per_row = isinstance(seed, torch.Tensor)
+    seed_per_row = isinstance(seed, torch.Tensor) and seed.dim() == 1  # a 0-d tensor is one seed for the batch
     if philox:
         seeds = _per_row("seed", seed, batch, device, torch.int64, is_int=True)
         u = z  # unused

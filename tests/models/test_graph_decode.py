@@ -1,0 +1,277 @@
+"""CUDA-graph decoding (``generate(cuda_graph=True)``, :mod:`tcopilot.graph_decode`).
+
+A CPU cannot capture a graph, so these tests check what capture needs and what it must not change:
+
+* the static decoder (fixed-size caches, device-side counters, state updated in place), run eagerly
+  (``capture=False``), returns exactly ``generate``'s tokens: greedy, seeded and generator sampling, filters,
+  EOS stops, both fusions, the fused head and the materialised path, Triton kernels under the interpreter;
+* a step is capturable: no host read of a tensor (``.item()``, ``bool()``, ``.tolist()``, ``.numpy()``, data-
+  dependent shapes) and the same ops on the same shapes at every step;
+* the options a graph cannot serve raise a ValueError.
+
+GPU-only tests capture and replay for real and compare with eager decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / the kernels
+
+import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from tcopilot.generate import _PairDecoder, generate, resolve_generation_options  # noqa: E402
+from tcopilot.graph_decode import _StaticLoop, graph_decode  # noqa: E402
+from tcopilot.pilot import pilot_states  # noqa: E402
+from tcopilot.testing import left_padded_prompts, tiny_pair  # noqa: E402
+
+DEV = "cuda" if _HAS_CUDA else "cpu"
+
+
+def _pair(family="llama", attention_impl="torch"):
+    model = tiny_pair(family, layers=3)
+    with torch.no_grad():  # a strong head: the Copilot changes tokens, so a broken feedback path shows
+        model.copilot.error_out.weight.normal_(0, 2.0)
+    for layer in model.copilot.layers:
+        layer.self_attn.impl = attention_impl
+    return model.to(DEV)
+
+
+def _static(model, ids, mask, max_new, *, lam=1.0, fusion="probs", impl="torch", generator=None, seed=None,
+            check_every=3, **options):  # fmt: skip
+    o = resolve_generation_options(ids.shape[1], None, max_new_tokens=max_new, **options)
+    return graph_decode(model, ids, mask, max_new, lam, fusion, o["temperature"], o["top_k"], o["top_p"],
+                        (generator, seed), impl, o["eos_token_ids"], o["pad_token_id"],
+                        use_copilot=model.copilot is not None and lam != 0, capture=False,
+                        check_every=check_every)  # fmt: skip
+
+
+def _prompts():
+    ids, mask = left_padded_prompts(3, 6, 97, 0, low=1)
+    return ids.to(DEV), mask.to(DEV)
+
+
+SAMPLING = {
+    "greedy": dict(),
+    "seed+logits": dict(temperature=1.0, seed=5, fusion="logits"),
+    "row-seeds+filters": dict(temperature=0.8, top_k=10, top_p=0.9, seed=[11, -2, 2**62]),
+    "generator": dict(temperature=1.0, generator=3),
+    "eos": dict(temperature=1.0, seed=9, eos_token_id=list(range(1, 97, 5)), pad_token_id=0),
+}
+
+
+def _randomness(kw):
+    kw = dict(kw)
+    if "generator" in kw:
+        kw["generator"] = torch.Generator(device=DEV).manual_seed(kw["generator"])
+    if isinstance(kw.get("seed"), list):
+        kw["seed"] = torch.tensor(kw["seed"], device=DEV)
+    return kw
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])  # on the CPU: materialised z, f / the fused head
+@pytest.mark.parametrize("mode", list(SAMPLING))
+def test_static_decoding_equals_generate(mode, impl):
+    model = _pair()
+    ids, mask = _prompts()
+    want = generate(model, ids, attention_mask=mask, max_new_tokens=9, impl=impl, **_randomness(SAMPLING[mode]))
+    got = _static(model, ids, mask, 9, impl=impl, **_randomness(SAMPLING[mode]))
+    assert torch.equal(got, want)
+    if mode == "eos":
+        assert want.shape[1] < ids.shape[1] + 9, "no early stop: the EOS case tests nothing"
+
+
+def test_static_decoding_with_triton_kernels_equals_generate():
+    model = _pair(attention_impl="triton")
+    ids, mask = _prompts()
+    kw = dict(temperature=0.9, top_k=12, top_p=0.95, seed=4, impl="triton")
+    want = generate(model, ids, attention_mask=mask, max_new_tokens=4, **kw)
+    assert torch.equal(_static(model, ids, mask, 4, **kw), want)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_static_decoding_other_families_and_the_pilot_alone(family):
+    model = _pair(family)
+    ids, mask = _prompts()
+    for lam in (1.0, 0.0):  # lam=0: the Pilot alone, no Copilot cache at all
+        want = generate(model, ids, attention_mask=mask, max_new_tokens=6, lam=lam, temperature=1.0, seed=2)
+        assert torch.equal(_static(model, ids, mask, 6, lam=lam, temperature=1.0, seed=2), want)
+
+
+def test_one_new_token_and_early_stop_at_every_check_interval():
+    model = _pair()
+    ids, mask = _prompts()
+    assert torch.equal(_static(model, ids, mask, 1), generate(model, ids, attention_mask=mask, max_new_tokens=1))
+    eos = dict(eos_token_id=list(range(1, 97, 3)), pad_token_id=0, temperature=1.0, seed=1)
+    want = generate(model, ids, attention_mask=mask, max_new_tokens=12, **eos)
+    assert want.shape[1] < ids.shape[1] + 12
+    for every in (1, 2, 5, 50):  # the host looks at the "all finished" flags every `every` steps
+        assert torch.equal(_static(model, ids, mask, 12, check_every=every, **eos), want)
+
+
+# ------------------------------------------------------------------------------------------ capturability
+
+
+_HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique")
+
+
+class _StepAudit(TorchDispatchMode):
+    """Records every aten op with its tensor shapes, and every host read of a tensor's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.host_reads = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if any(r in name for r in _HOST_READS):
+            self.host_reads.append(name)
+        self.ops.append((name, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+        return func(*args, **(kwargs or {}))
+
+
+def _outside_triton_interpreter() -> bool:
+    # The interpreter runs kernels on the host: its own copies to numpy are not a GPU launch's.
+    frame = sys._getframe(2)
+    while frame is not None:
+        if f"{os.sep}triton{os.sep}" in frame.f_code.co_filename:
+            return False
+        frame = frame.f_back
+    return True
+
+
+@pytest.fixture
+def host_copies(monkeypatch):
+    """``.tolist()`` / ``.numpy()`` calls outside the Triton interpreter (they do not dispatch an aten op)."""
+    seen = []
+    for name in ("tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **k):
+            if _outside_triton_interpreter():
+                seen.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize(("impl", "sampling"), [("triton", "seed"), ("triton", "generator"), ("torch", "seed")])
+def test_a_decode_step_reads_nothing_on_the_host_and_keeps_its_shapes(impl, sampling, host_copies):
+    model = _pair(attention_impl="triton")  # the torch attention plans its key spans on the host
+    ids, mask = _prompts()
+    randomness = (None, 7) if sampling == "seed" else (torch.Generator(device=DEV).manual_seed(0), None)
+    with torch.no_grad(), pilot_states(model.pilot) as states:
+        dec = _PairDecoder(model, states, True, static=True)
+        dec.prefill(ids, mask, 8)
+        loop = _StaticLoop(model, dec, ids, 8, 1.0, "probs", 0.9, 20, 0.9, randomness, impl, list(range(1, 97, 5)), 0)
+        loop.choose()
+        host_copies.clear()
+        steps = []
+        for _ in range(3):
+            with _StepAudit() as audit:
+                loop.step()
+            steps.append(audit)
+    assert not host_copies, f"a step copies tensor values to the host: {host_copies}"
+    for audit in steps:
+        assert not audit.host_reads, f"a step reads tensor values on the host: {audit.host_reads}"
+    assert steps[0].ops == steps[1].ops == steps[2].ops, "a step's ops or shapes change from step to step"
+    assert any("index_copy" in name for name, _ in steps[0].ops)  # the audit saw the step's cache writes
+
+
+def test_static_copilot_cache_is_fixed_size_and_keeps_its_addresses():
+    model = _pair()
+    cache = model.copilot.new_cache(max_positions=4, static=True)
+    kv = cache.layers[0]
+    k = torch.randn(2, kv_heads(model), 3, 8, device=DEV)
+    kv.append(k, k, torch.arange(3, device=DEV).expand(2, 3))
+    ptr = kv.k.data_ptr()
+    out_k, _, out_pos = kv.append(k[:, :, :1], k[:, :, :1], torch.full((2, 1), 3, device=DEV))
+    assert out_k.shape[2] == 4 and kv.k.data_ptr() == ptr and int(kv.fill) == 4
+    assert out_pos.tolist() == [[0, 1, 2, 3]] * 2
+    cache.reorder(torch.tensor([1, 0], device=DEV))
+    assert kv.k.data_ptr() == ptr
+    with pytest.raises(ValueError, match="static Copilot cache holds 4 entries"):
+        kv.append(k[:, :, :1], k[:, :, :1], torch.full((2, 1), 4, device=DEV))
+    with pytest.raises(ValueError, match="max_positions: a static cache needs its size"):
+        model.copilot.new_cache(static=True)
+    with pytest.raises(ValueError, match="static"):
+        model.copilot.new_cache(max_positions=4, static="yes")
+
+
+def kv_heads(model) -> int:
+    return model.copilot.config.num_key_value_heads
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_cuda_graph_option_errors():
+    model = _pair()
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="cuda_graph: expected a bool"):
+        generate(model, ids, attention_mask=mask, max_new_tokens=2, cuda_graph=1)
+    with pytest.raises(ValueError, match="cuda_graph: beam search is not captured"):
+        generate(model, ids, attention_mask=mask, max_new_tokens=2, num_beams=2, cuda_graph=True)
+    if not _HAS_CUDA:
+        with pytest.raises(ValueError, match="cuda_graph: expected CUDA tensors"):
+            generate(model, ids, attention_mask=mask, max_new_tokens=2, cuda_graph=True)
+
+
+# ------------------------------------------------------------------------------------------ GPU: real capture
+
+
+def _cuda_pair(dtype=torch.float32):
+    model = _pair(attention_impl="auto").to(dtype)
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["greedy", "seed+logits", "row-seeds+filters", "eos"])
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_cuda_graph_replays_the_static_steps_exactly(mode, impl):
+    model = _cuda_pair()
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=24, impl=impl, **_randomness(SAMPLING[mode]))
+    graphed = generate(model, ids, attention_mask=mask, cuda_graph=True, **kw)
+    # the same kernels on the same shapes, eagerly: bit-identical tokens
+    eager_static = _static(model, ids, mask, 24, check_every=8, impl=impl, **_randomness(SAMPLING[mode]))
+    assert torch.equal(graphed, eager_static)
+    if mode == "greedy":  # dynamic caches read views instead of the whole buffers: same math, other splits
+        assert torch.equal(graphed, generate(model, ids, attention_mask=mask, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_cuda_graph_with_a_generator_is_reproducible_and_bf16_runs():
+    model = _cuda_pair()
+    ids, mask = _prompts()
+
+    def run(model):
+        gen = torch.Generator(device=DEV).manual_seed(3)
+        return generate(model, ids, attention_mask=mask, max_new_tokens=16, temperature=1.0, generator=gen,
+                        cuda_graph=True)  # fmt: skip
+
+    first = run(model)
+    assert torch.equal(run(model), first)
+    assert ((first >= 0) & (first < 97)).all()
+    bf16 = _cuda_pair(torch.bfloat16)
+    out = generate(bf16, ids, attention_mask=mask, max_new_tokens=16, seed=1, temperature=1.0, cuda_graph=True)
+    assert out.shape == (3, ids.shape[1] + 16)
+    assert torch.equal(out, _static(bf16, ids, mask, 16, seed=1, temperature=1.0, check_every=8, impl="auto"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_cuda_graph_refuses_the_host_planned_torch_attention():
+    model = _pair(attention_impl="torch")
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="attention_impl is 'torch'"):
+        generate(model, ids, attention_mask=mask, max_new_tokens=8, cuda_graph=True)
