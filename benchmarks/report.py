@@ -28,9 +28,10 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
-OP_ORDER = ["logit_capture", "log_attention", "rectified_next_token", "e2e"]
+OP_ORDER = ["logit_capture", "log_attention", "rectified_next_token", "e2e", "generate"]
 PROVIDER_ORDER = ["naive", "compile", "torch_lce", "liger", "cce", "sdpa", "flex", "torch", "triton_rowwise", "triton",
-                  "triton_seed"]
+                  "triton_seed", "eager", "static", "graph"]
+BASELINES = ("naive", "eager")  # the "vs naive" column's reference: a group's naive provider, else its eager one
 PEERS = {"compile", "torch_lce", "liger", "cce", "sdpa", "flex"}
 OURS = ("triton", "torch")  # preference order for "our kernel" in a group
 MODE_ORDER = {"fwd": 0, "fwd_bwd": 1, "greedy": 2, "topk_topp": 3, "topp": 4, "train": 5, "decode": 6}
@@ -182,7 +183,7 @@ def op_section(op: str, groups: OrderedDict, ceilings: dict | None) -> list[str]
     for (g_op, shape, dtype, mode), rows in groups.items():
         if g_op != op:
             continue
-        naive = next((r["median"] for r in rows if r["provider"] == "naive"), None)
+        naive = next((r["median"] for b in BASELINES for r in rows if r["provider"] == b), None)
         for i, r in enumerate(rows):
             value, unit = throughput(r, r.get("median"))
             iqr = r["q3"] - r["q1"] if r.get("q3") is not None and r.get("q1") is not None else None
@@ -267,6 +268,34 @@ def e2e_section(rows: list[dict], ceilings: dict | None) -> list[str]:
     return out
 
 
+def generate_section(rows: list[dict]) -> list[str]:
+    """Per (batch, Copilot layers): ms per new token of each decoding way, and the overhead over the Pilot alone
+    decoded the same way (the paper's inference overhead, Table 15)."""
+    gen = [r for r in rows if r["op"] == "generate" and r.get("median")]
+    if not gen:
+        return []
+    per_token = {}
+    for r in gen:
+        batch = r["shape"].split(" B")[1].split(" ")[0] if " B" in r["shape"] else "?"
+        per_token[(batch, r.get("copilot_layers", 0), r["provider"])] = r["median"] * 1e3 / r.get("new_tokens", 1)
+    ways = [p for p in PROVIDER_ORDER if any(k[2] == p for k in per_token)]
+    body = []
+    for batch, layers in sorted({k[:2] for k in per_token}, key=lambda k: (int(k[0]) if k[0].isdigit() else 0, k[1])):
+        cells = [batch, str(layers)]
+        for way in ways:
+            t, alone = per_token.get((batch, layers, way)), per_token.get((batch, 0, way))
+            over = f" ({100 * (t / alone - 1):+.1f}%)" if t and alone and layers else ""
+            cells.append("-" if t is None else f"{t:.2f}{over}")
+        eager, graph = per_token.get((batch, layers, "eager")), per_token.get((batch, layers, "graph"))
+        cells.append(f"{eager / graph:.2f}x" if eager and graph else "-")
+        body.append(cells)
+    header = ["batch", "copilot layers"] + [f"{w} ms/token (overhead)" for w in ways] + ["eager / graph"]
+    return ["## Decoding loops (generate)", "",
+            "A whole `generate` call (prefill and, for `graph`, the capture included) over its new tokens. "
+            "*overhead* = this / the Pilot alone (Copilot 0, `lam=0`) decoded the same way - 1.", ""] + \
+        table(header, body) + [""]
+
+
 def verdict(x: float | None, target: float) -> str:
     if x is None:
         return "-"
@@ -317,6 +346,7 @@ def markdown(rows, others, meta, ceilings, title: str) -> str:
         if op != "e2e":
             lines += op_section(op, groups, ceilings)
     lines += e2e_section(rows, ceilings)
+    lines += generate_section(rows)
     lines += others_section(others)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -329,7 +359,9 @@ CSV_COLUMNS = ["op", "shape", "dtype", "mode", "provider", "metric", "unit", "p5
 
 def csv_rows(rows: list[dict], meta: dict, ceilings: dict | None) -> list[dict]:
     out = []
-    naive = {group_key(r): r["median"] for r in rows if r["provider"] == "naive"}
+    naive = {}
+    for b in reversed(BASELINES):  # the first baseline present in a group wins
+        naive.update({group_key(r): r["median"] for r in rows if r["provider"] == b})
     commit = meta.get("commit", {}).get("id", "")
     for r in rows:
         common = {k: r.get(k, "") for k in ("op", "shape", "dtype", "mode", "provider", "rounds", "device",
