@@ -17,6 +17,10 @@ Ways (``provider`` in the results):
   ``tcopilot.generate`` does one step (fed-back input through the c x c matrix, ``rectified_next_token``).
 * ``triton``: the same with ``impl="auto"`` (our Triton kernels on CUDA wherever one exists; the ops that
   have none yet run their PyTorch path: ``extra_info["triton_ops"]`` lists which ran Triton).
+* ``copilot_alone`` (decode only): the same Copilot run as a plain decoder, without the Pilot: one new position
+  from a fixed input embedding and two fixed log entries (no fed-back product, no Pilot hooks), its caches,
+  ``error_out`` and an argmax over V. Issue 5's coupling target compares the pair's decode step with the
+  Pilot alone + this: ``report.py`` shows ``triton / (Pilot alone + copilot_alone)`` (target at most 1.05).
 
 The Copilot-0 rows are the Pilot alone; ``report.py`` gives each way's overhead over them. A training step
 is forward + backward (no optimiser step); a decode step adds one token to a prefilled cache (restored
@@ -78,8 +82,8 @@ class Cfg:
 CPU_CFG = Cfg("tiny-llama", 2000, 64, 2, 4, 2, 128, 2, 64, 2, 32, torch.float32)
 GPU_CFG = Cfg("llama-3.2-1b-shape", 128256, 2048, 16, 32, 8, 8192, 2, 2048, 8, 1024, torch.bfloat16)
 COPILOT_LAYERS = {False: [0, 2, 4], True: [0, 2, 4, 16]}  # by "on GPU": the CPU run stays short
-WAYS = ["naive", "torch", "triton"]
-IMPL = {"torch": "torch", "triton": "auto"}
+WAYS = ["naive", "torch", "triton", "copilot_alone"]
+IMPL = {"torch": "torch", "triton": "auto", "copilot_alone": "auto"}
 
 
 def _cases():
@@ -90,6 +94,8 @@ def _cases():
                 for way in WAYS:
                     if step == "decode" and n == 0 and way != "naive":
                         continue  # the Pilot's decode step is the same in every way
+                    if way == "copilot_alone" and (step != "decode" or n == 0):
+                        continue
                     cid = f"{cfg.name}-copilot{n}-{step}-{way}"
                     out.append(case((cfg, n, step, way), id=cid, gpu=gpu))
     return out
@@ -257,6 +263,9 @@ def decode_step(way: str, pilot, cop, s: DecodeState):
     def pilot_step():
         return run_base(base, s.token[:, None], s.mask, s.new_pos, cache=s.live_cache, use_cache=True)
 
+    if way == "copilot_alone":
+        return copilot_alone_step(pilot, cop, s)
+
     @torch.no_grad()
     def run():
         if cop is None:
@@ -279,6 +288,29 @@ def decode_step(way: str, pilot, cop, s: DecodeState):
         g = cop(fed, log, cpos, log_pos, cache=s.live_ccache)[:, -1]
         f = cop.error_out(g).float()
         return rectified_next_token(z, f, lam=LAM, impl=IMPL[way]), g
+
+    return run
+
+
+def copilot_alone_step(pilot, cop, s: DecodeState, attention=None):
+    """The Copilot as a plain decoder: one position from fixed inputs against its caches, ``error_out``, argmax.
+
+    The input embedding and the two log entries are fixed tensors of the right shapes (what a token embedding
+    and the Pilot's states would give), so nothing here depends on the Pilot's step. ``attention``: a context
+    manager to run the layers in (the naive SDPA one for the reference)."""
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    b, c, d = s.token.shape[0], cop.config.hidden_size, cop.config.pilot_hidden_size
+    dtype = cop.error_in.weight.dtype
+    x = torch.randn(b, 1, c, device=DEVICE, generator=g).to(dtype)
+    log = torch.randn(b, 2, d, device=DEVICE, generator=g).to(dtype)
+    cpos = s.new_pos.to(torch.int32)
+    log_pos = torch.cat([cpos, cpos], 1)
+
+    @torch.no_grad()
+    def run():
+        with attention() if attention is not None else torch.no_grad():
+            out = cop(x, log, cpos, log_pos, cache=s.live_ccache)[:, -1]
+        return cop.error_out(out).float().argmax(-1), out
 
     return run
 
@@ -426,7 +458,15 @@ def test_e2e(benchmark, cfg: Cfg, layers: int, step: str, way: str):
         state.restore()
         tokens, g = fn()
         assert tokens.shape == (cfg.dec_batch,)
-        if cop is not None:
+        if way == "copilot_alone":  # reference: the same step with the naive SDPA attention
+            ref_state = prefill(cfg, pilot, cop, "naive")
+            ref_state.restore()
+            ref_g = copilot_alone_step(pilot, cop, ref_state, attention=plain_attention)()[1]
+            set_attention_impl(cop, IMPL[way])
+            assert_close(f"{way} Copilot decode state", g, ref_g, cfg.dtype,
+                         tol=0.1 if cfg.dtype == torch.bfloat16 else None)  # fmt: skip
+            del ref_state, ref_g
+        elif cop is not None:
             ref_g = REF_DECODE.get((cfg, layers), lambda: _naive_decode_g(cfg, pilot, cop))
             # bf16: the ways feed the Copilot differently rounded inputs (error_in(f) over V against
             # g @ M + m in fp32) through every layer, hence the looser bound.
@@ -435,6 +475,13 @@ def test_e2e(benchmark, cfg: Cfg, layers: int, step: str, way: str):
         del tokens, g
         flops = flop_model(cfg, cop.config if cop is not None else None, "decode")
         nbytes = decode_bytes(cfg, pilot, cop)
+        if way == "copilot_alone":  # the pair's terms less the Pilot's, less the fed-back product (M, m)
+            c = cop.config.hidden_size
+            alone = flop_model(cfg, None, "decode")
+            flops = {k: v - alone.get(k, 0) for k, v in flops.items()}
+            flops["copilot_linear"] -= 2 * cfg.dec_batch * c * c
+            flops["total"] -= 2 * cfg.dec_batch * c * c
+            nbytes -= decode_bytes(cfg, pilot, None) + 4 * c * (c + 1)
         shape = f"{cfg.name} B{cfg.dec_batch} ctx{cfg.dec_ctx} copilot={layers}L"
 
     clear()

@@ -16,7 +16,8 @@ Providers:
 Shapes: GPU, the Llama-3.2-1B-shaped Pilot of ``bench_e2e.py`` (bf16, random weights) with Copilots of 0, 4 and
 16 layers of its width, batch 1 and 16, a 128-token prompt, 32 greedy new tokens (no EOS: every call decodes
 all of them); the quick scope (``TCOPILOT_BENCH_SCOPE=quick``, what ``gpu_check.sh`` runs) keeps batch 1 with
-Copilots of 0 and 16 layers. CPU: a tiny Llama (hidden 64, 2 layers, V=2000), Copilots of 0 and 2 layers, batch 1, 16 tokens.
+Copilots of 0 and 16 layers. CPU: a tiny Llama (hidden 64, 2 layers, V=2000), Copilots of 0 and 2 layers,
+batch 1, 16 tokens.
 ``extra_info["ms_per_token"]`` is the call's time over its new tokens (prefill included).
 
 Before timing, each provider's tokens are checked once, untimed: ``graph`` against the same static loop run

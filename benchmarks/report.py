@@ -30,7 +30,7 @@ from pathlib import Path
 
 OP_ORDER = ["logit_capture", "log_attention", "rectified_next_token", "e2e", "generate"]
 PROVIDER_ORDER = ["naive", "compile", "torch_lce", "liger", "cce", "sdpa", "flex", "torch", "triton_rowwise", "triton",
-                  "triton_seed", "eager", "static", "graph"]
+                  "triton_seed", "copilot_alone", "eager", "static", "graph"]
 BASELINES = ("naive", "eager")  # the "vs naive" column's reference: a group's naive provider, else its eager one
 PEERS = {"compile", "torch_lce", "liger", "cce", "sdpa", "flex"}
 OURS = ("triton", "torch")  # preference order for "our kernel" in a group
@@ -265,7 +265,39 @@ def e2e_section(rows: list[dict], ceilings: dict | None) -> list[str]:
                   "MFU ratio" if step == "train" else "bandwidth ratio"]
         out += [f"### {step} step", ""] + table(header, body) + [""]
     out += targets_section(e2e, ceilings)
+    out += coupling_section(e2e)
     return out
+
+
+COUPLING_TARGET = 1.05  # issue 5: pair decode step <= 1.05 x (Pilot alone + the Copilot run alone)
+
+
+def coupling_section(e2e: list[dict]) -> list[str]:
+    """Issue 5: the pair's decode step over the Pilot-alone step plus the Copilot-alone step (bench_e2e)."""
+    dec = [r for r in e2e if r["mode"] == "decode" and r.get("median")]
+    pilot = next((r for r in dec if not r.get("copilot_layers") and r["provider"] == "naive"), None)
+    if pilot is None:
+        return []
+    body = []
+    for layers in sorted({r.get("copilot_layers") for r in dec if r.get("copilot_layers")}):
+        same = {r["provider"]: r for r in dec if r.get("copilot_layers") == layers}
+        ours = next((same[p] for p in OURS if p in same), None)
+        alone = same.get("copilot_alone")
+        if ours is None or alone is None:
+            continue
+        ratio = ours["median"] / (pilot["median"] + alone["median"])
+        miss = ratio - COUPLING_TARGET
+        verdict_text = f"{ratio:.3f} ({'met' if miss <= 0 else f'missed by {miss:.3f}'})"
+        body.append([str(layers), ours["provider"], ms(pilot["median"]), ms(alone["median"]), ms(ours["median"]),
+                     verdict_text])
+    if not body:
+        return []
+    header = ["copilot layers", "ours", "Pilot alone ms", "Copilot alone ms", "pair ms",
+              f"pair / (Pilot + Copilot) (<= {COUPLING_TARGET})"]
+    return ["### Issue-5 coupling target (decode step)", "",
+            "The pair's decode step against the Pilot's and the same Copilot's decode steps run alone: what the "
+            "coupling costs (fed-back input, the Pilot's hooks and log entries, rectification instead of argmax).",
+            ""] + table(header, body) + [""]
 
 
 def generate_section(rows: list[dict]) -> list[str]:
