@@ -271,8 +271,17 @@ class _KV:
         if self.static:  # same addresses (a captured graph reads these buffers)
             for buf in (self.k, self.v, self.pos):
                 buf.copy_(buf[index])
-        else:
+        elif self.n == self.k.shape[2]:
             self.k, self.v, self.pos = self.k[index], self.v[index], self.pos[index]
+        else:  # beams reorder at every step: copy the filled entries, not the whole reserved capacity
+            rows = index.shape[0]
+            k = self.k.new_empty(rows, *self.k.shape[1:])
+            v = self.v.new_empty(rows, *self.v.shape[1:])
+            pos = self.pos.new_full((rows, self.pos.shape[1]), -1)
+            k[:, :, : self.n] = self.k[index, :, : self.n]
+            v[:, :, : self.n] = self.v[index, :, : self.n]
+            pos[:, : self.n] = self.pos[index, : self.n]
+            self.k, self.v, self.pos = k, v, pos
 
 
 @dataclass

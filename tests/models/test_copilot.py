@@ -64,10 +64,11 @@ def test_feedback_matrices_equal_two_vocab_products():
 
 
 @pytest.mark.parametrize("mode, impl", [("autograd", "torch"), ("grow", "torch"), ("reserved", "torch"),
-                                        ("grow", "triton")])
+                                        ("static", "torch"), ("grow", "triton"), ("static", "triton")])
 def test_forward_shapes_padding_rows_and_cache_equivalence(mode, impl):
     # autograd: the cache concatenates (parameters require grad); grow / reserved: no_grad decoding appends
-    # in place into buffers that double from the first append's size, or that new_cache sized up front.
+    # in place into buffers that double from the first append's size, or that new_cache sized up front;
+    # static: fixed buffers written at a device-side count, attended over whole (CUDA-graph decoding).
     # The Triton attention (interpreted without CUDA: conftest) reads the cache through strided views.
     if impl == "triton":
         pytest.importorskip("triton")
@@ -94,7 +95,7 @@ def test_forward_shapes_padding_rows_and_cache_equivalence(mode, impl):
     full = m(x, log, pos, lpos)
     assert full.shape == (B, L, 16) and torch.isfinite(full).all()
     # Incremental decoding with the cache gives the same states as the full forward.
-    cache = m.new_cache(max_positions=L if mode == "reserved" else 0)
+    cache = m.new_cache(max_positions=L if mode in ("reserved", "static") else 0, static=mode == "static")
     with torch.enable_grad() if mode == "autograd" else torch.no_grad():
         outs = [m(x[:, :3], torch.cat([log[:, :3], log[:, L : L + 3]], 1), pos[:, :3],
                   torch.cat([pos[:, :3], pos[:, :3]], 1), cache=cache)]
@@ -111,11 +112,30 @@ def test_forward_shapes_padding_rows_and_cache_equivalence(mode, impl):
     capacity = [kv.k.shape[2] for kv in cache.layers]
     if mode == "autograd":
         assert capacity == entries and inc.requires_grad
-    elif mode == "reserved":  # sized once: never regrown, every step wrote into the same buffers
+    elif mode in ("reserved", "static"):  # sized once: never regrown, every step wrote into the same buffers
         assert capacity == entries and [kv.k.data_ptr() for kv in cache.layers] == buffers
+        if mode == "static":
+            assert [int(kv.fill) for kv in cache.layers] == entries
     else:  # 3 -> 6 -> 12 entries (log layers 6 -> 12 -> 24): doubled, unused slots are padding
         assert capacity == [12, 24, 12, 24]
         assert all(bool((kv.pos[:, kv.n :] == -1).all()) for kv in cache.layers)
+
+
+def test_reordering_a_reserved_cache_copies_its_filled_rows():
+    # Beam search reorders at every step: only the filled entries are copied, unused slots stay padding.
+    torch.manual_seed(0)
+    m = Copilot(CopilotConfig(vocab_size=10, hidden_size=8, num_hidden_layers=2, num_attention_heads=2)).eval()
+    cache = m.new_cache(max_positions=6)
+    x, log, pos = torch.randn(3, 2, 8), torch.randn(3, 4, 8), torch.arange(2).expand(3, 2)
+    with torch.no_grad():
+        m(x, log, pos, torch.cat([pos, pos], 1), cache=cache)
+    before = [(kv.k.clone(), kv.v.clone(), kv.pos.clone(), kv.n) for kv in cache.layers]
+    index = torch.tensor([2, 2, 0, 1])  # a different row count too
+    cache.reorder(index)
+    for kv, (k, v, p, n) in zip(cache.layers, before):
+        assert kv.k.shape == (4, *k.shape[1:]) and kv.n == n
+        assert torch.equal(kv.k[:, :, :n], k[index, :, :n]) and torch.equal(kv.v[:, :, :n], v[index, :, :n])
+        assert torch.equal(kv.pos[:, :n], p[index, :n]) and bool((kv.pos[:, n:] == -1).all())
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])
