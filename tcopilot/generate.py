@@ -375,7 +375,7 @@ def static_pilot_cache(base: nn.Module, max_len: int):
     """A ``transformers.StaticCache`` of ``max_len`` positions for the Pilot's backbone ``base``.
 
     Raises a ValueError for a family whose transformers class does not declare static-cache decoding
-    (``_can_compile_fullgraph``: e.g. Mamba's recurrent state, GPT-2's legacy cache).
+    (``_can_compile_fullgraph``: Mamba and FalconH1, whose recurrent states have no static cache layer).
     """
     from transformers import StaticCache
 
