@@ -125,8 +125,15 @@ class PilotStates:
 
     def _hook(self, module, args, output):
         out = output[0] if isinstance(output, (tuple, list)) else output
-        out = out.detach().float()
-        self._sum = out if self._sum is None else self._sum + out
+        out = out.detach()
+        if self._sum is None:
+            self._sum = out.to(torch.float32, copy=True)  # our own buffer (never the layer's fp32 output itself)
+        elif self._sum.shape == out.shape:
+            # one mixed-dtype kernel per layer, in place: no fp32 copy of each output (a decode step's launches,
+            # a training step's bytes); the same sums in the same order as adding fp32 copies
+            self._sum.add_(out)
+        else:
+            self._sum = self._sum + out.float()  # broadcastable oddities keep their old behaviour; pooled checks
         self._count += 1
 
     def attach(self) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tcopilot import TransformerCopilot
-from tcopilot.testing import naive_joint_losses, tiny_pair, tiny_pilot
+from tcopilot.testing import left_padded_prompts, naive_joint_losses, tiny_pair, tiny_pilot
 
 
 def _batch(vocab=97, B=3, L=11, seed=0, left_pad=True):
@@ -138,3 +138,35 @@ def test_run_base_passes_and_reads_the_cache_under_the_backbones_own_name(name):
     hidden, cache = run_base(Backbone(), torch.zeros(1, 1, dtype=torch.long), None, None, cache="old-cache",
                              use_cache=True)
     assert seen == {name: "old-cache"} and cache == "new-cache"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pilot_states_pool_the_layer_outputs_in_fp32_without_touching_them(dtype):
+    # The running sum adds each layer's output into an fp32 buffer of its own, in place: the mean of the fp32
+    # outputs, while the outputs themselves (an fp32 layer's is the very tensor the next layer reads) stay intact.
+    from tcopilot.pilot import find_decoder_layers, pilot_states
+
+    pilot = tiny_pilot("llama").to(dtype)
+    ids, mask = left_padded_prompts()
+    outs = []
+    layers = find_decoder_layers(pilot)
+
+
+    def record(module, args, out):  # runs before pilot_states' hooks (registered first): a snapshot and the tensor
+        out = out[0] if isinstance(out, tuple) else out
+        outs.append((out, out.clone()))
+
+    handles = [layer.register_forward_hook(record) for layer in layers]
+    with torch.no_grad(), pilot_states(pilot) as states:
+        pilot(input_ids=ids, attention_mask=mask)
+        pooled = states.pooled
+    for h in handles:
+        h.remove()
+    want = sum(k.float() for _, k in outs) / len(outs)
+    assert len(outs) == len(layers) and pooled.dtype == torch.float32 and torch.equal(pooled, want)
+    assert all(torch.equal(o, k) for o, k in outs)
+    with torch.no_grad():  # and the Pilot's output is what it is without the hooks
+        plain = pilot(input_ids=ids, attention_mask=mask).logits
+        with pilot_states(pilot):
+            hooked = pilot(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(plain, hooked)
