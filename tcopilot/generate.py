@@ -351,11 +351,15 @@ class _PairDecoder:
         Copilot: several decodings of one prompt batch share one prefill (:func:`generate_settings`)."""
         if use_copilot and not self.use_copilot:
             raise ValueError("use_copilot: this decoder was prefilled without the Copilot, so a fork cannot use it")
-        new = copy.copy(self)  # tensors are replaced, never written in place, by advance(); caches are mutated
+        new = copy.copy(self)  # advance() replaces these tensors (static: writes them in place); caches are mutated
         new.cache = copy.deepcopy(self.cache)
         new.use_copilot = use_copilot
+        if self.static:
+            new.cur_pos, new.h = self.cur_pos.clone(), self.h.clone()
         if use_copilot:
             new.ccache = copy.deepcopy(self.ccache)
+            if self.static:
+                new.g = self.g.clone()
         else:
             new.copilot = None
         return new
@@ -555,20 +559,11 @@ def generate(
     check_choice("fusion", fusion, FUSIONS)
     check_choice("impl", impl, IMPLS)
     check_seed(seed, generator, input_ids.shape[0], input_ids.device)
-    cuda_graph = check_bool("cuda_graph", cuda_graph)
-    if cuda_graph and o["num_beams"] > 1:
-        raise ValueError(f"cuda_graph: beam search is not captured (num_beams=1 only), got num_beams={o['num_beams']}")
-    if cuda_graph and input_ids.device.type != "cuda":
-        raise ValueError(f"cuda_graph: expected CUDA tensors (input_ids), got them on {input_ids.device}")
+    cuda_graph = _check_cuda_graph(cuda_graph, o["num_beams"], input_ids.device)
 
     use_copilot = _uses_copilot(model, lam)
     if max_new_tokens == 0:
         return input_ids
-    if cuda_graph:
-        from tcopilot.graph_decode import graph_decode
-
-        return graph_decode(model, input_ids, attention_mask, max_new_tokens, lam, fusion, temperature, top_k, top_p,
-                            (generator, seed), impl, eos_ids, pad_token_id, use_copilot=use_copilot)  # fmt: skip
     if o["num_beams"] > 1:
         from tcopilot.beam_search import beam_search
 
@@ -577,11 +572,37 @@ def generate(
             lam=lam if use_copilot else 0.0, fusion=fusion, eos_token_ids=eos_ids, pad_token_id=pad_token_id,
             length_penalty=o["length_penalty"], early_stopping=o["early_stopping"],
         )
+    loop = _loop(cuda_graph)
     with pilot_states(model.pilot) as states:
-        dec = _PairDecoder(model, states, use_copilot)
+        dec = _PairDecoder(model, states, use_copilot, static=cuda_graph)
         dec.prefill(input_ids, attention_mask, max_new_tokens)
-        return _decode_loop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
-                            (generator, seed), impl, eos_ids, pad_token_id)
+        return loop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
+                    (generator, seed), impl, eos_ids, pad_token_id)
+
+
+def _require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph: expected CUDA tensors (input_ids), got them on {device}")
+
+
+def _check_cuda_graph(cuda_graph, num_beams: int, device: torch.device) -> bool:
+    """``cuda_graph`` as a bool, refused with beam search or without CUDA tensors."""
+    cuda_graph = check_bool("cuda_graph", cuda_graph)
+    if cuda_graph and num_beams > 1:
+        raise ValueError(f"cuda_graph: beam search is not captured (num_beams=1 only), got num_beams={num_beams}")
+    if cuda_graph:
+        _require_cuda(device)  # (the CPU tests replace this check to run the static loop eagerly)
+    return cuda_graph
+
+
+def _loop(cuda_graph: bool):
+    """The decoding loop from a prefilled :class:`_PairDecoder`: :func:`_decode_loop`, or with ``cuda_graph``
+    (a ``static`` decoder) :func:`tcopilot.graph_decode.graph_loop`."""
+    if not cuda_graph:
+        return _decode_loop
+    from tcopilot.graph_decode import graph_loop
+
+    return graph_loop
 
 
 # Step keys of a seeded generation: seed + (t + 1) * this odd constant (2**64 / golden ratio) mod 2**64, so
@@ -657,7 +678,8 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     fusion=fusion, attention_mask=attention_mask, **options)`` (a lambda sweep pays for the prompts once).
     ``options``: :func:`generate`'s other keywords; ``num_beams`` must be 1. Sampling draws from one
     ``generator`` setting after setting, in the order given; with ``seed`` every setting draws the numbers
-    ``generate(seed=...)`` would.
+    ``generate(seed=...)`` would. ``cuda_graph=True``: one static prefill, each setting captured and replayed
+    as :func:`generate` does.
     """
     settings = [(float(check_finite("lam", lam)), fusion) for lam, fusion in settings]
     if not settings:
@@ -666,24 +688,26 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
         check_choice("fusion", fusion, FUSIONS)
     attention_mask = _check_prompts(input_ids, attention_mask)
     impl, generator = options.pop("impl", "auto"), options.pop("generator", None)
-    seed = options.pop("seed", None)
+    seed, cuda_graph = options.pop("seed", None), options.pop("cuda_graph", False)
     check_choice("impl", impl, IMPLS)
     check_seed(seed, generator, input_ids.shape[0], input_ids.device)
     o = resolve_generation_options(input_ids.shape[1], options.pop("generation_config", None), **options)
     if o["num_beams"] != 1:
         raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")
+    cuda_graph = _check_cuda_graph(cuda_graph, 1, input_ids.device)
     _check_token_ids(model, o["eos_token_ids"], o["pad_token_id"])
     check_token_ids(model.pilot, input_ids)
     if o["max_new_tokens"] == 0:
         return {setting: input_ids for setting in settings}
     uses = {setting: _uses_copilot(model, setting[0]) for setting in settings}
     results = {}
+    loop = _loop(cuda_graph)
     with pilot_states(model.pilot) as states:
-        root = _PairDecoder(model, states, any(uses.values()))
+        root = _PairDecoder(model, states, any(uses.values()), static=cuda_graph)
         root.prefill(input_ids, attention_mask, o["max_new_tokens"])
         for setting in settings:
             lam, fusion = setting
-            results[setting] = _decode_loop(
+            results[setting] = loop(
                 model, root.fork(uses[setting]), input_ids, o["max_new_tokens"], lam, fusion, o["temperature"],
                 o["top_k"], o["top_p"], (generator, seed), impl, o["eos_token_ids"], o["pad_token_id"],
             )

@@ -101,43 +101,52 @@ def _capture(loop: _StaticLoop):
     return graph
 
 
-@torch.no_grad()
-def graph_decode(model, input_ids, attention_mask, max_new_tokens, lam, fusion, temperature, top_k, top_p,
-                 randomness, impl, eos_ids, pad_token_id, *, use_copilot: bool, capture: bool = True,
-                 warmup: int = 2, check_every: int = 8) -> torch.Tensor:  # fmt: skip
-    """:func:`tcopilot.generate.generate`'s greedy / sampling loop (validated options, ``max_new_tokens >= 1``)
-    with static caches, captured in a CUDA graph after ``warmup`` eager steps when ``capture``; returns the
-    same ``[B, L + new]`` ids."""
-    if capture and use_copilot and any(layer.self_attn.impl == "torch" for layer in model.copilot.layers):
+def graph_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
+               randomness, impl, eos_ids, pad_token_id, *, capture: bool | None = None, warmup: int = 2,
+               check_every: int = 8) -> torch.Tensor:  # fmt: skip
+    """:func:`tcopilot.generate._decode_loop` (same arguments, same tokens) from a prefilled ``static`` decoder:
+    its steps captured in a CUDA graph after ``warmup`` eager ones when ``capture`` (default: on CUDA tensors),
+    else run eagerly."""
+    capture = input_ids.is_cuda if capture is None else capture
+    if capture and dec.use_copilot and any(layer.self_attn.impl == "torch" for layer in model.copilot.layers):
         raise ValueError(
             "cuda_graph: the Copilot's attention_impl is 'torch', which plans its key blocks on the host (a sync "
             "a CUDA graph cannot capture); set it to 'auto' or 'triton'"
         )
-    with pilot_states(model.pilot) as states:
-        dec = _PairDecoder(model, states, use_copilot, static=True)
-        dec.prefill(input_ids, attention_mask, max_new_tokens)
-        loop = _StaticLoop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
-                           randomness, impl, eos_ids, pad_token_id)  # fmt: skip
-        loop.choose()
-        picked, graph = 1, None
-        capture = capture and max_new_tokens - 1 > warmup  # a graph that would never replay is not worth it
-        if capture:
-            side = torch.cuda.Stream(device=input_ids.device)
-            side.wait_stream(torch.cuda.current_stream(input_ids.device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    loop.step()
-            torch.cuda.current_stream(input_ids.device).wait_stream(side)
-            picked += warmup
-            graph = _capture(loop)
-        while picked < max_new_tokens:
-            if picked % check_every == 0 and bool(loop.done[picked - 1]):
-                break
-            graph.replay() if graph is not None else loop.step()
-            picked += 1
+    loop = _StaticLoop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p, randomness,
+                       impl, eos_ids, pad_token_id)  # fmt: skip
+    loop.choose()
+    picked, graph = 1, None
+    if capture and max_new_tokens - 1 > warmup:  # a graph that would never replay is not worth capturing
+        device = input_ids.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                loop.step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        picked += warmup
+        graph = _capture(loop)
+    while picked < max_new_tokens:
+        if picked % check_every == 0 and bool(loop.done[picked - 1]):
+            break
+        graph.replay() if graph is not None else loop.step()
+        picked += 1
     done = loop.done[:picked].nonzero()
     new = int(done[0, 0]) + 1 if done.numel() else picked
     return loop.out[:, : loop.length + new]
 
 
-__all__ = ["graph_decode"]
+@torch.no_grad()
+def graph_decode(model, input_ids, attention_mask, max_new_tokens, lam, fusion, temperature, top_k, top_p,
+                 randomness, impl, eos_ids, pad_token_id, *, use_copilot: bool, **loop_options) -> torch.Tensor:
+    """A static prefill and :func:`graph_loop`: ``generate(cuda_graph=True)``'s decoding (validated options,
+    ``max_new_tokens >= 1``); ``loop_options``: ``capture``, ``warmup``, ``check_every``."""
+    with pilot_states(model.pilot) as states:
+        dec = _PairDecoder(model, states, use_copilot, static=True)
+        dec.prefill(input_ids, attention_mask, max_new_tokens)
+        return graph_loop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
+                          randomness, impl, eos_ids, pad_token_id, **loop_options)  # fmt: skip
+
+
+__all__ = ["graph_decode", "graph_loop"]

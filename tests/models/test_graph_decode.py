@@ -115,6 +115,31 @@ def test_one_new_token_and_early_stop_at_every_check_interval():
         assert torch.equal(_static(model, ids, mask, 12, check_every=every, **eos), want)
 
 
+@pytest.fixture
+def static_on_cpu(monkeypatch):
+    """``cuda_graph=True`` through the public API on CPU tensors: the device check off, so the static loop runs
+    eagerly (``graph_loop`` captures only CUDA tensors)."""
+    import importlib
+
+    generate_mod = importlib.import_module("tcopilot.generate")  # the module, not the function on the package
+    if not _HAS_CUDA:
+        monkeypatch.setattr(generate_mod, "_require_cuda", lambda device: None)
+
+
+def test_generate_and_generate_settings_with_cuda_graph_equal_eager_decoding(static_on_cpu):
+    from tcopilot.generate import generate_settings
+
+    model = _pair()
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=7, temperature=0.9, top_k=15, seed=3)
+    assert torch.equal(generate(model, ids, cuda_graph=True, **kw), generate(model, ids, **kw))
+    settings = [(1.0, "probs"), (0.0, "probs"), (0.5, "logits"), (1.0, "probs")]
+    # forks of one static prefill: each must own its positions, h, g and caches (they are written in place)
+    swept = generate_settings(model, ids, settings, cuda_graph=True, **kw)
+    for lam, fusion in settings:
+        assert torch.equal(swept[(lam, fusion)], generate(model, ids, lam=lam, fusion=fusion, **kw)), (lam, fusion)
+
+
 # ------------------------------------------------------------------------------------------ capturability
 
 
@@ -275,3 +300,17 @@ def test_cuda_graph_refuses_the_host_planned_torch_attention():
     ids, mask = _prompts()
     with pytest.raises(ValueError, match="attention_impl is 'torch'"):
         generate(model, ids, attention_mask=mask, max_new_tokens=8, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_cuda_graph_lambda_sweep_equals_one_call_per_setting():
+    from tcopilot.generate import generate_settings
+
+    model = _cuda_pair()
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=20, temperature=1.0, seed=8, cuda_graph=True)
+    settings = [(1.0, "probs"), (0.0, "probs"), (0.5, "logits")]
+    swept = generate_settings(model, ids, settings, **kw)
+    for lam, fusion in settings:
+        assert torch.equal(swept[(lam, fusion)], generate(model, ids, lam=lam, fusion=fusion, **kw)), (lam, fusion)
