@@ -507,10 +507,10 @@ def generate(
             ...) raise a ValueError instead of being ignored.
         generator: ``torch.Generator`` for sampling (reproducible draws).
         seed: instead of ``generator``, counter-based sampling (``rectified_next_token(seed=)``'s Philox
-            numbers): an int, or a ``[B]`` integer tensor with one seed per prompt, so that a prompt's draws
-            depend on its own seed only, not on its batch or row. Step ``t`` uses the key
-            ``seed + (t + 1) * 0x9E3779B97F4A7C15`` (mod 2**64), a new stream per step. The same seed gives
-            the same tokens on the torch and Triton paths up to float rounding ties. Unused by greedy
+            numbers): an int (or the same as a 0-d integer tensor), or a ``[B]`` integer tensor with one seed per
+            prompt, so that a prompt's draws depend on its own seed only, not on its batch or row. Step ``t`` uses
+            the key ``seed + (t + 1) * 0x9E3779B97F4A7C15`` (mod 2**64), a new stream per step. The same seed
+            gives the same tokens on the torch and Triton paths up to float rounding ties. Unused by greedy
             decoding and beam search.
         impl: how the next token is picked (``num_beams=1``; beam search scores in PyTorch whatever ``impl``).
             ``"auto"``: the fused :func:`tcopilot.rectified_decode_head` (Triton) on CUDA tensors, the
