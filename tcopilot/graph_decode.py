@@ -88,14 +88,8 @@ class _StaticLoop:
 def _capture(loop: _StaticLoop):
     """One ``loop.step`` recorded (not run) in a CUDA graph."""
     graph = torch.cuda.CUDAGraph()
-    if loop.generator is not None:
-        register = getattr(graph, "register_generator_state", None)
-        if register is None:
-            raise ValueError(
-                "generator: this torch cannot replay a user generator in a CUDA graph "
-                "(CUDAGraph.register_generator_state); pass seed= or no generator"
-            )
-        register(loop.generator)
+    if loop.generator is not None:  # its Philox offset must advance at every replay, as the default one's does
+        graph.register_generator_state(loop.generator)
     with torch.cuda.graph(graph):
         loop.step()
     return graph
@@ -108,6 +102,12 @@ def graph_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusion,
     its steps captured in a CUDA graph after ``warmup`` eager ones when ``capture`` (default: on CUDA tensors),
     else run eagerly."""
     capture = input_ids.is_cuda if capture is None else capture
+    generator = randomness[0]
+    if capture and generator is not None and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        raise ValueError(
+            "generator: this torch cannot replay a user generator in a CUDA graph "
+            "(CUDAGraph.register_generator_state); pass seed= or no generator"
+        )
     if capture and dec.use_copilot and any(layer.self_attn.impl == "torch" for layer in model.copilot.layers):
         raise ValueError(
             "cuda_graph: the Copilot's attention_impl is 'torch', which plans its key blocks on the host (a sync "
