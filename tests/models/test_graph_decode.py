@@ -249,6 +249,16 @@ def test_cuda_graph_option_errors():
             generate(model, ids, attention_mask=mask, max_new_tokens=2, cuda_graph=True)
 
 
+@pytest.mark.skipif(hasattr(torch.cuda.CUDAGraph, "register_generator_state"), reason="this torch can register it")
+def test_a_generator_this_torch_cannot_register_is_refused_before_decoding():
+    model = _pair(attention_impl="triton")
+    ids, mask = _prompts()
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    with pytest.raises(ValueError, match="generator: this torch cannot replay a user generator"):
+        graph_decode(model, ids, mask, 8, 1.0, "probs", 1.0, 0, 1.0, (gen, None), "torch", [], 0, use_copilot=True,
+                     capture=True)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ GPU: real capture
 
 
