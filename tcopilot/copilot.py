@@ -269,6 +269,11 @@ class _KV:
         if self.k is None:
             return
         if self.static:  # same addresses (a captured graph reads these buffers)
+            if index.shape[0] != self.k.shape[0]:
+                raise ValueError(
+                    f"index: a static cache keeps its {self.k.shape[0]} rows, got {index.shape[0]} (a new row count "
+                    "needs a new cache)"
+                )
             for buf in (self.k, self.v, self.pos):
                 buf.copy_(buf[index])
         elif self.n == self.k.shape[2]:

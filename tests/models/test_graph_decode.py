@@ -222,6 +222,8 @@ def test_static_copilot_cache_is_fixed_size_and_keeps_its_addresses():
     assert out_pos.tolist() == [[0, 1, 2, 3]] * 2
     cache.reorder(torch.tensor([1, 0], device=DEV))
     assert kv.k.data_ptr() == ptr
+    with pytest.raises(ValueError, match="index: a static cache keeps its 2 rows, got 3"):
+        cache.reorder(torch.tensor([1, 0, 0], device=DEV))
     with pytest.raises(ValueError, match="static Copilot cache holds 4 entries"):
         kv.append(k[:, :, :1], k[:, :, :1], torch.full((2, 1), 4, device=DEV))
     with pytest.raises(ValueError, match="max_positions: a static cache needs its size"):
