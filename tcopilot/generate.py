@@ -338,13 +338,19 @@ class _PairDecoder:
         hidden, self.cache = run_base(self.base, tokens[:, None], self.mask if self.mask_on_decode else None,
                                       new_pos.clamp(min=0), cache=self.cache, use_cache=True)
         self._z = None
-        self.h = self.h.copy_(hidden[:, -1]) if self.static else hidden[:, -1]
+        if self.static:
+            self.h.copy_(hidden[:, -1])
+        else:
+            self.h = hidden[:, -1]
         if self.use_copilot:
             fed = (self.g.float() @ self.m_mat + self.m_vec).to(self.wdtype)[:, None]  # error_in(f_prev)
             log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
             new_pos = new_pos.to(torch.int32)
             g = self.copilot(fed, log, new_pos, torch.cat([new_pos, new_pos], 1), cache=self.ccache)[:, -1]
-            self.g = self.g.copy_(g) if self.static else g
+            if self.static:
+                self.g.copy_(g)
+            else:
+                self.g = g
 
     def fork(self, use_copilot: bool) -> _PairDecoder:
         """An independent decoder from this prefilled state (its own copies of the caches), with or without the
@@ -616,12 +622,17 @@ def _as_int64(x: int) -> int:
     return x - 2**64 if x >= 2**63 else x
 
 
+def _step_key_offset(step: int) -> int:
+    """What decoding step ``step`` adds to the seed: ``(step + 1) * _STEP_KEY`` as a signed int64."""
+    return _as_int64(_STEP_KEY * (step + 1))
+
+
 def _step_randomness(randomness, step: int) -> dict:
     """``generator=`` / ``seed=`` keywords of the sampler at decoding step ``step``."""
     generator, seed = randomness
     if seed is None:
         return dict(generator=generator)
-    offset = _as_int64(_STEP_KEY * (step + 1))
+    offset = _step_key_offset(step)
     if isinstance(seed, torch.Tensor):  # int64 addition wraps: the key is taken mod 2**64
         return dict(seed=seed.to(torch.int64) + offset)
     return dict(seed=_as_int64(seed + offset))
@@ -656,13 +667,14 @@ def _decode_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusio
     out_ids = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     head = _decode_head_weights(model, dec, impl)
+    eos = torch.tensor(eos_ids, device=device) if eos_ids else None  # once, not a host-to-device copy per step
     for step in range(max_new_tokens):
         nxt = _pick_next(model, dec, head, lam, fusion, temperature, top_k, top_p, impl,
                          _step_randomness(randomness, step))  # fmt: skip
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
-        if eos_ids:
-            finished = finished | torch.isin(nxt, torch.tensor(eos_ids, device=device))
+        if eos is not None:
+            finished = finished | torch.isin(nxt, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         dec.advance(nxt)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from tcopilot.generate import _STEP_KEY, _as_int64, _decode_head_weights, _PairDecoder, _pick_next
+from tcopilot.generate import _decode_head_weights, _PairDecoder, _pick_next, _step_key_offset
 from tcopilot.pilot import pilot_states
 
 
@@ -54,10 +54,10 @@ class _StaticLoop:
         self.generator, seed = randomness
         self.seed = self.offsets = None
         if seed is not None:
-            # generate()'s step keys seed + (t + 1) * _STEP_KEY (mod 2**64), with the offsets precomputed:
+            # generate()'s step keys (seed + _step_key_offset(t), mod 2**64) with the offsets precomputed:
             # an int seed becomes a 0-d tensor, which the sampler reads as that int (a key for the batch).
-            self.offsets = torch.tensor([_as_int64(_STEP_KEY * (t + 1)) for t in range(max_new_tokens)],
-                                        dtype=torch.int64, device=device)  # fmt: skip
+            self.offsets = torch.tensor([_step_key_offset(t) for t in range(max_new_tokens)], dtype=torch.int64,
+                                        device=device)  # fmt: skip
             self.seed = (seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, device=device)).to(
                 torch.int64
             )
