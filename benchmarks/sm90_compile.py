@@ -234,6 +234,36 @@ def _log_attention_cases() -> Iterator[Case]:
             )  # fmt: skip
 
 
+def _tile_schedule_cases() -> Iterator[Case]:
+    # The schedule kernel depends on the tiles only: one case per (BLOCK_M, BLOCK_N, direction) that some
+    # table sends to a launch (forward and dQ by query block, dK/dV by key tile), at the training shape.
+    import torch
+
+    from tcopilot.kernels.log_attention import schedule
+    from tcopilot.kernels.log_attention import triton_impl as la
+
+    i32 = Ptr(torch.int32)
+    seen = set()
+    for kind in ("fwd", "dkdv", "dq"):
+        for fp32 in (False, True):
+            for bm, bn, _, _ in la._blocks_table(kind, fp32).values():
+                by_key = kind == "dkdv"
+                if (bm, bn, by_key) in seen:
+                    continue
+                seen.add((bm, bn, by_key))
+                nqb, nkb = _cdiv(_LA_LQ, bm), _cdiv(_LA_LK, bn)
+                rows, cols = (nkb, nqb) if by_key else (nqb, nkb)
+                chunk = max(2, min(_pow2(cols), schedule._CHUNK_ELEMENTS // (bm if by_key else bn)))
+                yield Case(
+                    kernel="log_attention_schedule", fn=schedule._tile_schedule_kernel, dtype="int32",
+                    config=f"M{bm} N{bn} {'by key' if by_key else 'by query'} chunk {chunk} w4",
+                    args=dict(QPOS=i32, KPOS=i32, FULL_CNT=i32, FULL_IDX=i32, PART_CNT=i32, PART_IDX=i32,
+                              Lq=_LA_LQ, Lk=_LA_LK, N_ROWS=rows, N_COLS=cols),
+                    constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, BY_KEY=by_key), num_warps=4,
+                    quick=len(seen) == 1,
+                )  # fmt: skip
+
+
 # ---- logit_capture -------------------------------------------------------------------------------------
 
 # Representative shape of the module docstring: N=8192 tokens, V=128256 (Llama 3), bf16; forward chunks of
@@ -485,6 +515,7 @@ def _rectified_decode_head_cases() -> Iterator[Case]:
 
 _GENERATORS = {
     "log_attention": _log_attention_cases,
+    "log_attention_schedule": _tile_schedule_cases,
     "logit_capture": _logit_capture_cases,
     "rectified_next_token": _rectified_next_token_cases,
     "rectified_next_token_split": _rectified_next_token_split_cases,

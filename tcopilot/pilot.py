@@ -483,8 +483,10 @@ class TransformerCopilot(nn.Module):
         start = cop.error_in.bias.to(emb.dtype).expand(bsz, 1, c)
         stream = torch.cat([start, emb[:, :-1]], dim=1)
         log_states = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
-        log_pos = torch.cat([pos, pos], dim=1)
-        g = cop(stream.to(cop.error_in.weight.dtype), log_states, pos, log_pos)
+        # int32 positions (< L): the attention compares int32, and int64 ones cost each layer's attention a
+        # rebase of ~15 small launches (positions_int32).
+        pos = pos.to(torch.int32)
+        g = cop(stream.to(cop.error_in.weight.dtype), log_states, pos, torch.cat([pos, pos], dim=1))
         copilot_loss = copilot_error_loss(
             g.reshape(bsz * length, c), cop.error_out.weight, cop.error_out.bias, cap, flat_target,
             # no Triton kernel for this op (the Gram form is a few small GEMMs): a model asked for the Triton

@@ -114,8 +114,8 @@ def replay_copilot_loss(model, entry: LogEntry, ignore_index: int = IGNORE_INDEX
     start = cop.error_in.bias.to(emb.dtype).expand(bsz, 1, c)
     stream = torch.cat([start, emb[:, :-1]], dim=1)
     log_states = torch.cat([x_tilde, pooled], dim=1)
-    log_pos = torch.cat([pos, pos], dim=1)
-    g = cop(stream.to(cop.error_in.weight.dtype), log_states, pos, log_pos)
+    pos = pos.to(torch.int32)  # < L: int32 spares every attention call the int64 rebase (as pilot.py)
+    g = cop(stream.to(cop.error_in.weight.dtype), log_states, pos, torch.cat([pos, pos], dim=1))
     g_counted = g.reshape(bsz * length, c)[counted]
     return sparse_error_loss(g_counted, cop.error_out.weight, cop.error_out.bias, ids, coef, ell_sq)
 

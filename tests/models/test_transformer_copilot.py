@@ -170,3 +170,28 @@ def test_pilot_states_pool_the_layer_outputs_in_fp32_without_touching_them(dtype
         with pilot_states(pilot):
             hooked = pilot(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(plain, hooked)
+
+
+def test_copilot_attention_gets_int32_positions_in_training_and_replay(monkeypatch):
+    # int64 positions would cost every attention call a rebase (~15 small launches, positions_int32).
+    import tcopilot.copilot as copilot_module
+    from tcopilot import MistakeLog
+    from tcopilot.replay import replay_copilot_loss
+
+    seen = []
+    real = copilot_module.log_attention
+
+    def spy(q, k, v, *, q_pos, k_pos, **kw):
+        seen.append((q_pos.dtype, k_pos.dtype))
+        return real(q, k, v, q_pos=q_pos, k_pos=k_pos, **kw)
+
+    monkeypatch.setattr(copilot_module, "log_attention", spy)
+    model = tiny_pair("llama")
+    model.mistake_log = MistakeLog(topk=8)
+    model.train()
+    ids, mask, labels = _batch()
+    model(ids, attention_mask=mask, labels=labels)
+    n_online = len(seen)
+    replay_copilot_loss(model, model.mistake_log[0])
+    assert n_online > 0 and len(seen) > n_online
+    assert set(seen) == {(torch.int32, torch.int32)}, seen

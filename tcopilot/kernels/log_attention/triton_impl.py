@@ -5,13 +5,14 @@
 
 Design:
 
-* Tile schedule. Positions are arbitrary integers (the log is two sorted segments, padding is negative),
-  so there is no single causal cutoff. Before each launch a few small torch ops reduce the positions to
-  per-tile bounds and build, for every (batch, query block), two dense lists of key tiles: *full* tiles
-  (every key valid and visible to every query of the block: no mask is computed at all) and *partial*
-  tiles (some key visible to some query: masked). Every other tile is skipped, never loaded. The kernels
-  loop over these lists without branches (the FlexAttention "block mask" idea), so Triton can pipeline
-  the loads. The backward dK/dV kernel uses the transposed lists (query blocks per key tile).
+* Tile schedule (:mod:`.schedule`). Positions are arbitrary integers (the log is two sorted segments,
+  padding is negative), so there is no single causal cutoff. Before each launch one small kernel reduces
+  the positions to per-tile bounds and builds, for every (batch, query block), two dense lists of key
+  tiles: *full* tiles (every key valid and visible to every query of the block: no mask is computed at
+  all) and *partial* tiles (some key visible to some query: masked). Every other tile is skipped, never
+  loaded. The kernels loop over these lists without branches (the FlexAttention "block mask" idea), so
+  Triton can pipeline the loads. The backward dK/dV kernel uses the transposed lists (query blocks per key
+  tile).
 * Forward (FlashAttention-2): one program per (query block, b*Hq), online softmax in fp32 with exp2
   (``scale * log2(e)`` folded in), writes ``lse`` (natural log, fp32, ``+inf`` for a row that sees no key:
   the backward then recomputes ``p = exp(s - inf) = 0`` and returns exact zeros without a special case).
@@ -39,14 +40,14 @@ import os
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .schedule import _cdiv, positions_int32, tile_schedule
+
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
-_INT64_MAX = 2**63 - 1
 _MAX_HEAD_DIM = 256
 
 # A query block of at most this many packed rows (Hq/Hk heads x Lq queries) takes the split-K decode path.
@@ -629,47 +630,6 @@ _KERNELS = {
 # --------------------------------------------------------------------------------------------------------
 
 
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, ids): per row, how many entries are set and their column ids first, in ascending order."""
-    count = mask.sum(-1, dtype=torch.int32)
-    ids = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return count.contiguous(), ids.contiguous()
-
-
-def tile_schedule(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, block_m: int, block_n: int, *, by_key: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which key tiles each query block visits (or, ``by_key``, which query blocks each key tile meets).
-
-    Returns ``(full_count, full_ids, partial_count, partial_ids)``: counts ``[B, n_rows]`` int32 and ids
-    ``[B, n_rows, n_cols]`` int32 with the visited ids first. A *full* tile has every key valid and visible
-    to every query of the block (no mask needed); a *partial* tile has some key visible to some query; the
-    rest are skipped. Visibility ``0 <= k_pos <= q_pos`` is monotone in ``q_pos``, so per-tile min/max of
-    the positions decide it exactly at tile granularity, whatever order the positions come in.
-    Also the debug view of how many tiles a launch visits.
-    """
-    bsz, lq = q_pos.shape
-    lk = k_pos.shape[1]
-    nqb, nkb = _cdiv(lq, block_m), _cdiv(lk, block_n)
-    q_pad, k_pad = nqb * block_m - lq, nkb * block_n - lk
-    q_max = F.pad(q_pos, (0, q_pad), value=-1).view(bsz, nqb, block_m).amax(-1)
-    q_min = F.pad(q_pos, (0, q_pad), value=_INT32_MAX).view(bsz, nqb, block_m).amin(-1)
-    kp = F.pad(k_pos, (0, k_pad), value=-1).view(bsz, nkb, block_n)
-    k_min_valid = torch.where(kp >= 0, kp, _INT32_MAX).amin(-1)
-    k_all_valid = kp.amin(-1) >= 0
-    k_max = kp.amax(-1)
-    visible = k_min_valid[:, None, :] <= q_max[:, :, None]  # [B, nqb, nkb]
-    full = k_all_valid[:, None, :] & (k_max[:, None, :] <= q_min[:, :, None])
-    partial = visible & ~full
-    if by_key:
-        full, partial = full.transpose(1, 2), partial.transpose(1, 2)
-    return (*_compact(full), *_compact(partial))
-
-
 def _pow2_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -895,29 +855,6 @@ class LogAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _positions_int32(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions as the int32 the kernels compare, with the same visibility ``0 <= k <= q``.
-
-    Positions of 32 bits or fewer pass unchanged. int64 positions (the default dtype of ``arange``) may lie
-    past 2**31 (a long-running stream's absolute positions), so each batch row is shifted by the smallest
-    of its valid key positions ``r``: valid keys map to ``k - r >= 0``, padding keys to -1, a query to
-    ``q - r`` when it is at least ``r`` and to -1 otherwise (it sees no key either way). Differences are
-    what visibility depends on, so this is exact whenever the valid keys of a row span fewer than 2**31 - 1
-    positions (any log with a key per position does: its span is below its length). Larger spans are
-    clamped at the top: keys and queries past ``r + 2**31 - 2`` compare as equal. No host sync.
-    """
-    if q_pos.dtype != torch.int64 and k_pos.dtype != torch.int64:
-        return q_pos.to(torch.int32).contiguous(), k_pos.to(torch.int32).contiguous()
-    q, k = q_pos.to(torch.int64), k_pos.to(torch.int64)
-    valid = k >= 0
-    r = torch.where(valid, k, _INT64_MAX).amin(1, keepdim=True) if k.shape[1] else k.new_zeros(k.shape[0], 1)
-    r = torch.where(r == _INT64_MAX, 0, r)  # a row with no valid key: nothing to shift
-    top = _INT32_MAX - 1
-    k32 = torch.where(valid, (k - r).clamp_max(top), -1)
-    q32 = torch.where(q >= r, (q - r).clamp_max(top), -1)
-    return q32.to(torch.int32).contiguous(), k32.to(torch.int32).contiguous()
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
@@ -944,7 +881,7 @@ def log_attention_triton(
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_row_offsets(name, t)
-    q_pos32, k_pos32 = _positions_int32(q_pos, k_pos)
+    q_pos32, k_pos32 = positions_int32(q_pos, k_pos)
     out_dtype = q.dtype
     # Routed on the caller's dtype: the interpreter's fp32 stand-in for bf16 (below) takes bf16's path.
     key_dim = max(_pow2_dim(q.shape[-1]), _pow2_dim(v.shape[-1]))
@@ -963,5 +900,4 @@ __all__ = [
     "log_attention_bwd",
     "log_attention_fwd",
     "log_attention_triton",
-    "tile_schedule",
 ]
