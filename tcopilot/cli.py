@@ -73,6 +73,7 @@ def _eval(args) -> int:
     cfg.device = args.device  # where this evaluation runs, whatever the training used
     if args.lam:
         cfg.lams = tuple(args.lam)
+    cfg.eval_cuda_graph = args.cuda_graph
     tok = WordTokenizer.load(os.path.join(args.run_dir, "tokenizer.json"))
     test = generate_arithmetic(args.n_test or cfg.n_test, split="test", seed=cfg.seed + 1)
     cfg.n_test = len(test)
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-test", type=int, default=None)
     e.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--cuda-graph", action="store_true",
+                   help="decode with one captured CUDA graph per setting (tcopilot.GraphDecoder; CUDA only)")
     e.set_defaults(fn=_eval)
 
     g = sub.add_parser("generate", help="answer prompts with the Pilot + Copilot of a run directory")

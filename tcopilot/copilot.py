@@ -254,6 +254,18 @@ class _KV:
         self.n += t
         return self.k, self.v, self.pos
 
+    def reset(self) -> None:
+        """Empty, keeping the buffers (and so their addresses: a captured graph reads them): every slot
+        padding (position -1, zero keys and values), the fill count 0."""
+        self.n = 0
+        if self.k is None:
+            return
+        self.pos.fill_(-1)
+        self.k.zero_()
+        self.v.zero_()
+        if self.fill is not None:
+            self.fill.zero_()
+
     def _grow(self, capacity: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         b, h, _, d = k.shape
         new_k = k.new_empty(b, h, capacity, d)
@@ -305,6 +317,11 @@ class CopilotCache:
         """Select batch rows (beam search reorders its hypotheses with this)."""
         for kv in self.layers:
             kv.reorder(index)
+
+    def reset(self) -> None:
+        """Empty every layer's cache in place, keeping its buffers (a reused CUDA graph reads them)."""
+        for kv in self.layers:
+            kv.reset()
 
 
 class CopilotAttention(nn.Module):

@@ -7,9 +7,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from tcopilot._validation import check_bool
 from tcopilot.data.prompts import encode_prompts
 from tcopilot.data.scoring import is_correct
 from tcopilot.generate import generate
+from tcopilot.graph_decode import GraphDecoder
 
 
 @torch.no_grad()
@@ -25,24 +27,36 @@ def evaluate_accuracy(
     max_new_tokens: int = 48,
     progress: bool = False,
     desc: str = "eval",
+    cuda_graph: bool = False,
 ) -> dict:
     """Greedy-decode every example and score it by exact numeric match with ``example["answer"]``.
 
+    ``cuda_graph``: decode every batch with one :class:`tcopilot.GraphDecoder` (CUDA only; sized for the
+    longest prompt, captured at the first batch and replayed for all: the same tokens as without it).
+
     Returns ``accuracy``, ``correct`` (per example booleans, for paired tests), ``predictions`` (text),
-    ``new_tokens`` and ``tokens_per_s`` (generated tokens per second of decode wall time, batch included).
+    ``new_tokens`` and ``tokens_per_s`` (generated tokens per second of decode wall time, batch included;
+    with ``cuda_graph`` the capture too).
     """
+    cuda_graph = check_bool("cuda_graph", cuda_graph)
     model.eval()
     preds, correct = [], []
     n_tokens, seconds = 0, 0.0
-    starts = range(0, len(examples), batch_size)
-    for s in tqdm(starts, disable=not progress, desc=desc, leave=False):
-        chunk = examples[s : s + batch_size]
-        ids, mask = encode_prompts(tokenizer, chunk, style=style, padding_side="left")
-        dev = next(model.pilot.parameters()).device
+    chunks = [examples[s : s + batch_size] for s in range(0, len(examples), batch_size)]
+    encoded = [encode_prompts(tokenizer, chunk, style=style, padding_side="left") for chunk in chunks]
+    dev = next(model.pilot.parameters()).device
+    options = dict(max_new_tokens=max_new_tokens, lam=lam, fusion=fusion, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    decoder = None
+    if cuda_graph and encoded:
+        decoder = GraphDecoder(model, batch_size=max(ids.shape[0] for ids, _ in encoded),
+                               prompt_length=max(ids.shape[1] for ids, _ in encoded), **options)  # fmt: skip
+    for chunk, (ids, mask) in tqdm(list(zip(chunks, encoded)), disable=not progress, desc=desc, leave=False):
         t0 = time.perf_counter()
-        out = generate(model, ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                       lam=lam, fusion=fusion, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+        if decoder is not None:
+            out = decoder.generate(ids.to(dev), attention_mask=mask.to(dev))
+        else:
+            out = generate(model, ids.to(dev), attention_mask=mask.to(dev), **options)
         seconds += time.perf_counter() - t0
         new = out[:, ids.shape[1]:].cpu()
         for row, ex in zip(new, chunk):

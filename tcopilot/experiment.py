@@ -51,6 +51,7 @@ class ExperimentConfig:
     copilot_layers: int = 2
     max_new_tokens: int = 40
     eval_batch_size: int = 100
+    eval_cuda_graph: bool = False  # decode the evaluation with one tcopilot.GraphDecoder per setting (CUDA only)
     lams: tuple = (0.5, 1.0)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"; see resolve_device
     train: TrainConfig = field(
@@ -154,7 +155,8 @@ def load_run_model(model_dir: str, device: str | torch.device = "cpu") -> Transf
 
 
 def evaluation_grid(cfg: ExperimentConfig, pilot_only, joint, tok, test, progress: bool) -> list[dict]:
-    kw = dict(style=cfg.style, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress)
+    kw = dict(style=cfg.style, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress,
+              cuda_graph=cfg.eval_cuda_graph)  # fmt: skip
     rows = [
         {
             "system": "Pilot alone (trained without Copilot)",

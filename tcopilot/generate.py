@@ -291,9 +291,12 @@ class _PairDecoder:
             self._z = _pilot_logits(self.model, self.h)
         return self._z
 
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int = 0) -> None:
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int = 0, *,
+                refill: bool = False) -> None:  # fmt: skip
         """Run the prompt through both models. ``max_new_tokens`` sizes the Copilot's caches up front (and
-        every cache and the mask, ``static``)."""
+        every cache and the mask, ``static``). ``refill`` (``static``, after a first prefill of the same
+        shapes): write the new prompts' state into the existing buffers, so that a step captured in a CUDA
+        graph reads them at its next replay (:class:`tcopilot.graph_decode.GraphDecoder`)."""
         total = input_ids.shape[1] + max_new_tokens
         pos = positions_from_mask(mask)
         self.states.reset()
@@ -301,25 +304,46 @@ class _PairDecoder:
         if self.static:
             # The new tokens' mask entries are 1 from the start: the Pilot's causal mask hides the slots
             # not yet written (key index past the query's), as HF's own static-cache decoding relies on.
-            self.mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
-            cache = static_pilot_cache(self.base, total)
+            full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1)
+            if refill:
+                self.mask.copy_(full_mask)
+                cache = self.cache
+                cache.reset()  # zeroes keys, values and the fill counts in place
+            else:
+                self.mask = full_mask
+                cache = static_pilot_cache(self.base, total)
         else:
             self.mask = mask.clone()
         hidden, self.cache = run_base(self.base, input_ids, self.mask, pos.clamp(min=0), cache=cache,
                                       use_cache=True)  # fmt: skip
-        self.h, self._z = hidden[:, -1].clone() if self.static else hidden[:, -1], None
-        self.cur_pos = pos[:, -1].clamp(min=-1)
+        self._z = None
+        if refill:
+            self.h.copy_(hidden[:, -1])
+            self.cur_pos.copy_(pos[:, -1].clamp(min=-1))
+        else:
+            self.h = hidden[:, -1].clone() if self.static else hidden[:, -1]
+            self.cur_pos = pos[:, -1].clamp(min=-1)
         if self.use_copilot:
             cop, states = self.copilot, self.states
-            self.ccache = cop.new_cache(max_positions=total, static=self.static)
-            self.m_mat, self.m_vec = cop.feedback_matrices()
+            m_mat, m_vec = cop.feedback_matrices()  # from the current weights (they may have been trained since)
+            if refill:
+                self.ccache.reset()
+                self.m_mat.copy_(m_mat)
+                self.m_vec.copy_(m_vec)
+            else:
+                self.ccache = cop.new_cache(max_positions=total, static=self.static)
+                self.m_mat, self.m_vec = m_mat, m_vec
             self.wdtype = cop.error_in.weight.dtype
             stream = cop.error_in.bias.to(self.wdtype).expand(input_ids.shape[0], input_ids.shape[1], -1)
             log = torch.cat([states.x_tilde, states.pooled.to(states.x_tilde.dtype)], dim=1)
             # int32 positions (< prompt + new tokens, far below 2**31): the attention compares int32, and
             # int64 ones cost a rebase of every layer's whole cache positions at every step.
             pos = pos.to(torch.int32)
-            self.g = cop(stream, log, pos, torch.cat([pos, pos], 1), cache=self.ccache)[:, -1].clone()
+            g = cop(stream, log, pos, torch.cat([pos, pos], 1), cache=self.ccache)[:, -1]
+            if refill:
+                self.g.copy_(g)
+            else:
+                self.g = g.clone()
 
     def copilot_out(self) -> torch.Tensor | None:
         """``f = error_out(g)`` [rows, V] fp32 for the next token, or None without the Copilot."""
@@ -389,6 +413,12 @@ def static_pilot_cache(base: nn.Module, max_len: int):
     """
     from transformers import StaticCache
 
+    _check_static_cache_family(base)
+    return StaticCache(config=base.config, max_cache_len=max_len)
+
+
+def _check_static_cache_family(base: nn.Module) -> None:
+    """ValueError unless the Pilot's backbone ``base`` has a static KV cache in transformers."""
     if not getattr(base, "_can_compile_fullgraph", False):
         family = getattr(base.config, "model_type", type(base).__name__)
         raise ValueError(
@@ -396,7 +426,6 @@ def static_pilot_cache(base: nn.Module, max_len: int):
             f"({type(base).__name__}._can_compile_fullgraph is False), so its decode step cannot be captured; "
             "decode without cuda_graph"
         )
-    return StaticCache(config=base.config, max_cache_len=max_len)
 
 
 def reorder_pilot_cache(cache, index: torch.Tensor):
@@ -531,7 +560,8 @@ def generate(
             with a static KV cache in transformers (``_can_compile_fullgraph``: Llama, Qwen2, Mistral, Gemma,
             ...), ``num_beams=1`` and a ``seed`` or the default generator for sampling (a user ``generator``
             needs ``CUDAGraph.register_generator_state``). Each call captures its own graph (a few eager warm-up
-            steps first), so it pays off from a few dozen new tokens on. Both caches hold ``L + max_new_tokens``
+            steps first), so it pays off from a few dozen new tokens on; :class:`tcopilot.GraphDecoder` keeps
+            one graph for many calls. Both caches hold ``L + max_new_tokens``
             positions from the start, and the Pilot's attention reads all of them at every step (HF's static
             cache), so a ``max_new_tokens`` far beyond what is generated costs bandwidth.
 

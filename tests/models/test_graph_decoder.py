@@ -1,0 +1,217 @@
+"""``GraphDecoder``: one captured CUDA graph reused across ``generate`` calls (:mod:`tcopilot.graph_decode`).
+
+A CPU cannot capture, so the decoder runs its static steps eagerly here (the device check off) and the tests
+check what reuse needs: every call returns ``generate``'s tokens for its own prompts (other prompts, shorter
+prompts and smaller batches than the decoder's shapes, sampling with a per-call seed, EOS stops), and a step of a
+later call reads exactly the buffers a step of the first call read (what a replayed graph reads). GPU-only
+tests replay for real.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+
+_HAS_CUDA = torch.cuda.is_available()
+if not _HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / the kernels
+
+import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import tcopilot.graph_decode as graph_decode_mod  # noqa: E402
+from tcopilot import GraphDecoder, generate  # noqa: E402
+from tcopilot.pilot import pilot_backbone  # noqa: E402
+from tcopilot.testing import left_padded_prompts, tiny_pair  # noqa: E402
+
+DEV = "cuda" if _HAS_CUDA else "cpu"
+VOCAB = 97
+
+
+def _pair(family="llama", attention_impl="torch"):
+    model = tiny_pair(family, layers=3)
+    with torch.no_grad():  # a strong head: the Copilot changes tokens, so a broken feedback path shows
+        model.copilot.error_out.weight.normal_(0, 2.0)
+    for layer in model.copilot.layers:
+        layer.self_attn.impl = attention_impl
+    return model.to(DEV)
+
+
+def _prompts(rows, length, seed):
+    """Left-padded prompts (row 1: 2 pads, row 2: 4 pads), the last ``length`` columns of the first ``rows``."""
+    ids, mask = left_padded_prompts(max(rows, 3), max(length, 5), VOCAB, seed, low=1)
+    return ids[:rows, -length:].to(DEV), mask[:rows, -length:].to(DEV)
+
+
+@pytest.fixture
+def eager_on_cpu(monkeypatch):
+    if not _HAS_CUDA:
+        monkeypatch.setattr(graph_decode_mod, "_require_model_on_cuda", lambda device: None)
+
+
+# (rows, length, seed) of successive calls: the decoder's own shape, shorter prompts, a smaller batch
+CALLS = [(4, 8, 0), (4, 8, 1), (2, 5, 2), (3, 8, 3), (1, 3, 4)]
+OPTIONS = {
+    "greedy": dict(),
+    "sampling+filters": dict(temperature=0.9, top_k=12, top_p=0.95),
+    "logits+eos": dict(fusion="logits", temperature=1.0, eos_token_id=list(range(1, VOCAB, 4)), pad_token_id=0),
+}
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])  # on the CPU: materialised z, f / the fused head
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_every_call_equals_generate(eager_on_cpu, name, impl):
+    model = _pair()
+    options = dict(max_new_tokens=9, impl=impl, **OPTIONS[name])
+    dec = GraphDecoder(model, batch_size=4, prompt_length=8, **options)
+    sampling = "temperature" in options
+    stopped_early = False
+    for rows, length, seed in CALLS:
+        ids, mask = _prompts(rows, length, seed)
+        draws = dict(seed=100 + seed) if sampling else {}
+        got = dec.generate(ids, attention_mask=mask, **draws)
+        want = generate(model, ids, attention_mask=mask, **options, **draws)
+        assert torch.equal(got, want), (rows, length, seed)
+        stopped_early |= want.shape[1] < length + 9
+    if name == "logits+eos":
+        assert stopped_early, "no call stopped early: the EOS case tests nothing"
+
+
+def test_the_pilot_alone_and_weights_updated_in_place(eager_on_cpu):
+    model = _pair()
+    alone = GraphDecoder(model, batch_size=3, prompt_length=6, max_new_tokens=5, lam=0.0)
+    ids, mask = _prompts(3, 6, 0)
+    assert torch.equal(alone.generate(ids, attention_mask=mask),
+                       generate(model, ids, attention_mask=mask, max_new_tokens=5, lam=0.0))  # fmt: skip
+    dec = GraphDecoder(model, batch_size=3, prompt_length=6, max_new_tokens=5)
+    dec.generate(ids, attention_mask=mask)
+    with torch.no_grad():  # an optimizer step: in place, same addresses; the fed-back product is recomputed
+        for p in model.copilot.parameters():
+            p.add_(torch.randn_like(p), alpha=0.3)
+    assert torch.equal(dec.generate(ids, attention_mask=mask),
+                       generate(model, ids, attention_mask=mask, max_new_tokens=5))  # fmt: skip
+
+
+class _ExternalReads(TorchDispatchMode):
+    """The tensors a step reads that it did not produce itself: the state a replayed graph reads. Keeps them
+    alive, so that a buffer reallocated later cannot reuse an address seen here."""
+
+    def __init__(self):
+        super().__init__()
+        self.produced, self.read = set(), {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in list(args) + list((kwargs or {}).values()):
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in self.produced:
+                    self.read[t.data_ptr()] = t
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel():
+                self.produced.add(t.data_ptr())
+        return out
+
+
+def test_a_later_call_reads_the_buffers_of_the_first(eager_on_cpu, monkeypatch):
+    # What a CUDA graph replays: the addresses of the first call. Every later call must write its prompts'
+    # state into those buffers (caches, mask, positions, h, g, loop counters, seed), not into new ones.
+    model = _pair(attention_impl="triton")
+    audits = []
+    real_step = graph_decode_mod._StaticLoop.step
+
+    def audited_step(self):
+        with _ExternalReads() as audit:
+            real_step(self)
+        audits.append(audit)
+
+    monkeypatch.setattr(graph_decode_mod._StaticLoop, "step", audited_step)
+    dec = GraphDecoder(model, batch_size=3, prompt_length=7, max_new_tokens=4, temperature=1.0, top_k=20)
+    for rows, length, seed in [(3, 7, 0), (2, 5, 1), (3, 6, 2)]:
+        ids, mask = _prompts(rows, length, seed)
+        dec.generate(ids, attention_mask=mask, seed=seed)
+    first, later = audits[0], audits[3:]  # 3 steps per call (4 tokens, the first picked after the prefill)
+    assert len(audits) == 9 and len(first.read) > 50
+    for audit in later:
+        assert set(audit.read) == set(first.read), "a later call's step reads a buffer the first call did not"
+
+
+def test_errors(eager_on_cpu, monkeypatch):
+    model = _pair()
+    ids, mask = _prompts(2, 6, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        GraphDecoder(model, batch_size=0, prompt_length=6)
+    with pytest.raises(ValueError, match="prompt_length"):
+        GraphDecoder(model, batch_size=2, prompt_length=2.5)
+    with pytest.raises(ValueError, match="fusion"):
+        GraphDecoder(model, batch_size=2, prompt_length=6, fusion="sum")
+    from transformers import GenerationConfig
+
+    with pytest.raises(ValueError, match="num_beams=1"):
+        GraphDecoder(model, batch_size=2, prompt_length=6, generation_config=GenerationConfig(num_beams=4))
+    greedy = GraphDecoder(model, batch_size=2, prompt_length=6, max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"input_ids: expected at most \[2, 6\]"):
+        greedy.generate(*_prompts(3, 6, 0))
+    with pytest.raises(ValueError, match=r"input_ids: expected at most \[2, 6\]"):
+        greedy.generate(*_prompts(2, 7, 0))
+    with pytest.raises(ValueError, match="seed: this GraphDecoder decodes greedily"):
+        greedy.generate(ids, attention_mask=mask, seed=1)
+    sampler = GraphDecoder(model, batch_size=2, prompt_length=6, max_new_tokens=3, temperature=1.0)
+    with pytest.raises(ValueError, match="seed"):
+        sampler.generate(ids, attention_mask=mask, seed=1.5)
+    with pytest.raises(ValueError, match="input_ids: expected token ids"):
+        greedy.generate(ids + VOCAB, attention_mask=mask)
+    greedy.generate(ids, attention_mask=mask)
+    model.double()  # parameters replaced: the captured graph would read the old ones
+    with pytest.raises(ValueError, match="model: its parameters were replaced"):
+        greedy.generate(ids, attention_mask=mask)
+    no_static = _pair()
+    pilot_backbone(no_static.pilot)._can_compile_fullgraph = False  # as Mamba's and FalconH1's classes declare
+    with pytest.raises(ValueError, match="no static KV cache"):
+        GraphDecoder(no_static, batch_size=2, prompt_length=6)
+    if not _HAS_CUDA:
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="model: a GraphDecoder replays CUDA graphs"):
+            GraphDecoder(_pair(), batch_size=2, prompt_length=6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_gpu_replays_equal_the_same_steps_run_eagerly_across_calls(name):
+    model = _pair(attention_impl="auto")
+    options = dict(max_new_tokens=20, **OPTIONS[name])
+    graphed = GraphDecoder(model, batch_size=4, prompt_length=8, **options)
+    eager = GraphDecoder(model, batch_size=4, prompt_length=8, **options)
+    eager.capture = False  # the same static steps on the same shapes, run eagerly: bit-identical tokens
+    sampling = "temperature" in options
+    for rows, length, seed in CALLS:
+        ids, mask = _prompts(rows, length, seed)
+        draws = dict(seed=100 + seed) if sampling else {}
+        got = graphed.generate(ids, attention_mask=mask, **draws)
+        assert torch.equal(got, eager.generate(ids, attention_mask=mask, **draws)), (rows, length, seed)
+        assert got.shape[0] == rows and torch.equal(got[:, :length], ids)
+    assert graphed._graph is not None and eager._graph is None
+
+
+def test_evaluate_accuracy_with_cuda_graph_gives_the_same_predictions(eager_on_cpu):
+    from tcopilot.data.arithmetic import generate_arithmetic
+    from tcopilot.data.prompts import format_prompt
+    from tcopilot.data.tokenizer import WordTokenizer
+    from tcopilot.evaluate import evaluate_accuracy
+
+    examples = generate_arithmetic(7, split="test", seed=0)
+    texts = [format_prompt(x) + " " + x["output"] for x in examples]
+    filler = ["".join(w) for w in itertools.product("qzj", repeat=4)]  # letter-only words: one token each
+    tok = WordTokenizer.build(texts)
+    tok = WordTokenizer.build(texts + filler[: VOCAB - len(tok)])
+    assert len(tok) == VOCAB  # every id the tiny Pilot can emit decodes
+    model = _pair()
+    kw = dict(lam=1.0, batch_size=3, max_new_tokens=6)  # batches of 3, 3 and 1 prompts of different lengths
+    plain = evaluate_accuracy(model, tok, examples, **kw)
+    graphed = evaluate_accuracy(model, tok, examples, cuda_graph=True, **kw)
+    assert graphed["predictions"] == plain["predictions"] and graphed["correct"] == plain["correct"]
+    assert graphed["new_tokens"] == plain["new_tokens"]
+    with pytest.raises(ValueError, match="cuda_graph: expected a bool"):
+        evaluate_accuracy(model, tok, examples, cuda_graph="yes", **kw)
