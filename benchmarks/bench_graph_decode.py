@@ -11,7 +11,9 @@ Providers:
 * ``static``: the static-cache loop ``generate(cuda_graph=True)`` captures, run eagerly (CPU only: it shows
   what the fixed-size caches cost there, without a graph to pay for them);
 * ``graph``: ``generate(..., cuda_graph=True)`` (GPU only): the time includes the graph's capture (two eager
-  warm-up steps, one recorded step) at every call, as a user pays it.
+  warm-up steps, one recorded step) at every call, as a user pays it;
+* ``graph_reused``: ``GraphDecoder.generate`` (GPU only) after its first call: the prefill is refilled into the
+  buffers of the graph captured once, so a call costs the prefill and the replays (a user decoding many batches).
 
 Shapes: GPU, the Llama-3.2-1B-shaped Pilot of ``bench_e2e.py`` (bf16, random weights) with Copilots of 0, 4 and
 16 layers of its width, batch 1 and 16, a 128-token prompt, 32 greedy new tokens (no EOS: every call decodes
@@ -21,7 +23,8 @@ batch 1, 16 tokens.
 ``extra_info["ms_per_token"]`` is the call's time over its new tokens (prefill included).
 
 Before timing, each provider's tokens are checked once, untimed: ``graph`` against the same static loop run
-eagerly (the same kernels on the same shapes: bit-identical), ``static`` against ``eager``.
+eagerly (the same kernels on the same shapes: bit-identical; ``graph_reused`` too, at its capturing first call),
+``static`` against ``eager``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from bench_e2e import COPILOT, CPU_CFG, GPU_CFG, PILOT, models
 from benchutil import ON_GPU, case, release, run_bench, set_group
 
-from tcopilot import TransformerCopilot
+from tcopilot import GraphDecoder, TransformerCopilot
 from tcopilot.generate import generate
 from tcopilot.graph_decode import graph_decode
 
@@ -48,7 +51,7 @@ class Loop:
 CPU_LOOPS = [Loop(1, 16, 16)]
 GPU_LOOPS = [Loop(1, 128, 32), Loop(16, 128, 32)]
 LAYERS = {False: [0, 2], True: [0, 4, 16]}
-PROVIDERS = {False: ["eager", "static"], True: ["eager", "graph"]}
+PROVIDERS = {False: ["eager", "static"], True: ["eager", "graph", "graph_reused"]}
 
 
 def _cases():
@@ -92,16 +95,25 @@ def test_generate_loop(benchmark, cfg, layers: int, loop: Loop, provider: str):
     lam = 1.0 if cop is not None else 0.0
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=loop.new_tokens, lam=lam, temperature=0.0)
 
+    decoder = None
+    if provider == "graph_reused":
+        decoder = GraphDecoder(model, batch_size=loop.batch, prompt_length=loop.prompt,
+                               max_new_tokens=loop.new_tokens, lam=lam, temperature=0.0)  # fmt: skip
+
     def fn():
         if provider == "static":
             return _static_eager(model, ids, loop, lam)
+        if decoder is not None:
+            return decoder.generate(ids, attention_mask=kw["attention_mask"])
         return generate(model, ids, cuda_graph=provider == "graph", **kw)
 
-    # Correctness first, untimed.
+    # Correctness first, untimed (for graph_reused this first call also captures its graph).
     got = fn()
     assert got.shape == (loop.batch, loop.prompt + loop.new_tokens)
-    want = _static_eager(model, ids, loop, lam) if provider == "graph" else generate(model, ids, **kw)
+    want = _static_eager(model, ids, loop, lam) if provider.startswith("graph") else generate(model, ids, **kw)
     assert torch.equal(got, want), f"{provider}: tokens differ from the reference loop"
+    if decoder is not None:  # and a call that replays the graph of the first
+        assert torch.equal(fn(), want), f"{provider}: a reused graph's tokens differ from the reference loop"
     del got, want
 
     shape = f"{cfg.name} B{loop.batch} prompt{loop.prompt} new{loop.new_tokens} copilot={layers}L"

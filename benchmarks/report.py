@@ -30,7 +30,7 @@ from pathlib import Path
 
 OP_ORDER = ["logit_capture", "log_attention", "rectified_next_token", "e2e", "generate"]
 PROVIDER_ORDER = ["naive", "compile", "torch_lce", "liger", "cce", "sdpa", "flex", "torch", "triton_rowwise", "triton",
-                  "triton_seed", "copilot_alone", "eager", "static", "graph"]
+                  "triton_seed", "copilot_alone", "eager", "static", "graph", "graph_reused"]
 BASELINES = ("naive", "eager")  # the "vs naive" column's reference: a group's naive provider, else its eager one
 PEERS = {"compile", "torch_lce", "liger", "cce", "sdpa", "flex"}
 OURS = ("triton", "torch")  # preference order for "our kernel" in a group
@@ -311,6 +311,7 @@ def generate_section(rows: list[dict]) -> list[str]:
         batch = r["shape"].split(" B")[1].split(" ")[0] if " B" in r["shape"] else "?"
         per_token[(batch, r.get("copilot_layers", 0), r["provider"])] = r["median"] * 1e3 / r.get("new_tokens", 1)
     ways = [p for p in PROVIDER_ORDER if any(k[2] == p for k in per_token)]
+    graph_ways = [w for w in ("graph", "graph_reused") if w in ways] or ["graph"]
     body = []
     for batch, layers in sorted({k[:2] for k in per_token}, key=lambda k: (int(k[0]) if k[0].isdigit() else 0, k[1])):
         cells = [batch, str(layers)]
@@ -318,12 +319,16 @@ def generate_section(rows: list[dict]) -> list[str]:
             t, alone = per_token.get((batch, layers, way)), per_token.get((batch, 0, way))
             over = f" ({100 * (t / alone - 1):+.1f}%)" if t and alone and layers else ""
             cells.append("-" if t is None else f"{t:.2f}{over}")
-        eager, graph = per_token.get((batch, layers, "eager")), per_token.get((batch, layers, "graph"))
-        cells.append(f"{eager / graph:.2f}x" if eager and graph else "-")
+        eager = per_token.get((batch, layers, "eager"))
+        for way in graph_ways:
+            graph = per_token.get((batch, layers, way))
+            cells.append(f"{eager / graph:.2f}x" if eager and graph else "-")
         body.append(cells)
-    header = ["batch", "copilot layers"] + [f"{w} ms/token (overhead)" for w in ways] + ["eager / graph"]
+    header = ["batch", "copilot layers"] + [f"{w} ms/token (overhead)" for w in ways] + \
+        [f"eager / {w.replace('_', ' ')}" for w in graph_ways]
     return ["## Decoding loops (generate)", "",
-            "A whole `generate` call (prefill and, for `graph`, the capture included) over its new tokens. "
+            "A whole `generate` call (prefill and, for `graph`, the capture included; `graph_reused`: a "
+            "`GraphDecoder` call after its first, which captured) over its new tokens. "
             "*overhead* = this / the Pilot alone (Copilot 0, `lam=0`) decoded the same way - 1.", ""] + \
         table(header, body) + [""]
 

@@ -46,6 +46,13 @@ def test_decoding_loop_table_gives_ms_per_token_and_the_overhead_over_the_pilot_
     assert "| batch | copilot layers | eager ms/token (overhead) | graph ms/token (overhead) | eager / graph |" in text
     assert "| 1 | 0 | 20.00 | 5.00 | 4.00x |" in text
     assert "| 1 | 16 | 40.00 (+100.0%) | 10.00 (+100.0%) | 4.00x |" in text
+    # a GraphDecoder's reused graph: its own column and ratio
+    rows += [_row("generate", "graph_reused", 0.08, 0, mode="greedy", shape=shape, new_tokens=32),
+             _row("generate", "graph_reused", 0.16, 16, mode="greedy", shape=shape, new_tokens=32)]  # fmt: skip
+    text = "\n".join(report.generate_section(rows))
+    assert ("| graph ms/token (overhead) | graph_reused ms/token (overhead) | eager / graph | eager / graph reused |"
+            in text)  # fmt: skip
+    assert "| 1 | 16 | 40.00 (+100.0%) | 10.00 (+100.0%) | 5.00 (+100.0%) | 4.00x | 8.00x |" in text
 
 
 def test_the_eager_provider_is_the_baseline_where_a_group_has_no_naive_one():
