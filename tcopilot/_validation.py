@@ -47,21 +47,43 @@ def check_tensor(
     return t
 
 
+LABEL_CHECK_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def label_extrema(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[2]`` int64 tensor on ``labels``' device, no host read: the smallest and the largest label other than
+    ``ignore_index``; ``(dtype max, dtype min)`` (so ``lo > hi``) when every label is ``ignore_index``.
+
+    An ``ignore_index`` outside the labels' dtype (``-100`` for uint8) equals no label: it is not compared, since
+    the comparison would wrap it into the dtype (uint8 ``156 == -100``). ``labels`` must be non-empty.
+    """
+    info = torch.iinfo(labels.dtype)
+    if info.min <= ignore_index <= info.max:
+        valid = labels != ignore_index
+        lo = torch.where(valid, labels, info.max).amin()
+        hi = torch.where(valid, labels, info.min).amax()
+    else:
+        lo, hi = torch.aminmax(labels)
+    return torch.stack([lo, hi]).long()
+
+
+def check_label_extrema(name: str, lo: int, hi: int, num_classes: int, ignore_index: int) -> None:
+    """Raise the ValueError of :func:`check_labels` for the host values of :func:`label_extrema`."""
+    if lo <= hi and (lo < 0 or hi >= num_classes):
+        raise ValueError(
+            f"{name}: expected values in [0, {num_classes}) or ignore_index={ignore_index}, got {lo if lo < 0 else hi}"
+        )
+
+
 def check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Labels must be integer and in ``[0, num_classes)`` or equal to ``ignore_index``."""
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    """Labels must be integer and in ``[0, num_classes)`` or equal to ``ignore_index``: one host read (a
+    synchronisation on an accelerator), none for empty labels."""
+    if labels.dtype not in LABEL_CHECK_DTYPES:
         raise ValueError(f"{name}: expected an integer tensor, got {labels.dtype}")
     if labels.numel() == 0:
         return
-    valid = labels != ignore_index
-    if bool(valid.any()):
-        lv = labels[valid]
-        lo, hi = int(lv.min()), int(lv.max())
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"{name}: expected values in [0, {num_classes}) or ignore_index={ignore_index}, got {bad}"
-            )
+    lo, hi = label_extrema(labels, ignore_index).tolist()
+    check_label_extrema(name, lo, hi, num_classes, ignore_index)
 
 
 def check_finite(name: str, value: float) -> float:

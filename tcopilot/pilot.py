@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tcopilot._validation import IMPLS, check_choice
+from tcopilot._validation import IMPLS, check_choice, check_int, check_label_extrema, label_extrema
 from tcopilot.copilot import Copilot
 from tcopilot.kernels.copilot_error_loss import copilot_error_loss
 from tcopilot.kernels.logit_capture import logit_capture
@@ -62,7 +62,17 @@ def check_token_ids(pilot: nn.Module, input_ids: torch.Tensor) -> None:
     vocab = input_vocab_size(pilot)
     if vocab is None:
         return
-    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    lo, hi = token_id_extrema(input_ids).tolist()
+    check_token_id_extrema(lo, hi, vocab)
+
+
+def token_id_extrema(input_ids: torch.Tensor) -> torch.Tensor:
+    """``[2]`` int64 tensor ``(min, max)`` of ``input_ids`` (non-empty), on their device (no host read)."""
+    return torch.stack(torch.aminmax(input_ids)).long()
+
+
+def check_token_id_extrema(lo: int, hi: int, vocab: int) -> None:
+    """Raise the ValueError of :func:`check_token_ids` for the host values of :func:`token_id_extrema`."""
     if lo < 0 or hi >= vocab:
         raise ValueError(f"input_ids: expected token ids in [0, {vocab}) (the Pilot's input embedding), "
                          f"got {lo if lo < 0 else hi}")
@@ -345,10 +355,22 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
 
 @dataclass
 class CopilotOutput:
+    """What :meth:`TransformerCopilot.forward` returns.
+
+    ``num_tokens_tensor`` is the number of counted (shifted) labels as a 0-d int64 tensor on the model's device,
+    so that ``forward`` need not read it back; the ``num_tokens`` property gives it as a Python int, and reading it
+    synchronises with the device (a host read, like ``int(tensor)``).
+    """
+
     loss: torch.Tensor  # pilot_loss + copilot_loss: one backward trains both (their gradients are disjoint)
     pilot_loss: torch.Tensor
     copilot_loss: torch.Tensor | None
-    num_tokens: int
+    num_tokens_tensor: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """The number of counted (shifted) labels; reading it synchronises with the device."""
+        return int(self.num_tokens_tensor)
 
 
 class TransformerCopilot(nn.Module):
@@ -369,9 +391,12 @@ class TransformerCopilot(nn.Module):
     exact online Copilot loss of the given batch.
 
     ``impl``, ``log_mode`` and ``mistake_log`` are checked when given and whenever assigned later (ValueError).
-    ``forward`` checks the shapes, dtypes and devices of its tensors, and on CPU also that the ids are inside the
-    Pilot's input embedding (on an accelerator that would cost a host synchronisation per step, so it is left to
-    the embedding's own index check there).
+    ``forward`` checks the shapes, dtypes and devices of its tensors, that the ids are inside the Pilot's input
+    embedding and that the labels that count are inside its LM head (or ``ignore_index``): both ranges in one
+    host read (on an accelerator, one synchronisation per forward), after which the fused ops are told not to check
+    the labels again (``check_labels=False``). While ``torch.compile`` traces, the ids are left to the embedding's
+    own index check and the labels to the capture op, which checks them when it runs. The output's ``num_tokens``
+    is read from the device only when accessed (:class:`CopilotOutput`).
 
     ``impl`` (``"auto"``, ``"torch"``, ``"triton"``) is passed to the fused ops; with ``"triton"``,
     :func:`tcopilot.copilot_error_loss`, which has no Triton kernel, runs its PyTorch path (as ``"auto"`` does).
@@ -433,10 +458,13 @@ class TransformerCopilot(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, ignore_index: int = IGNORE_INDEX,
                 num_items_in_batch: int | None = None) -> CopilotOutput:
         self._check_inputs(input_ids, attention_mask, labels)
+        ignore_index = check_int("ignore_index", ignore_index, what="an int (in int64 range)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, ignore_index)
+        # the fused ops need not check the labels again (each check would be another host synchronisation)
+        labels_checked = self._check_values(input_ids, labels, ignore_index)
         bsz, length = input_ids.shape
         _check_gathered(self)
         pos = positions_from_mask(attention_mask)
@@ -462,12 +490,13 @@ class TransformerCopilot(nn.Module):
             num_items_in_batch=num_items_in_batch,
             topk=min(log.topk, vocab) if record else 0,
             impl=self.impl,
+            check_labels=not labels_checked,
         )
         if record:
             log.push(input_ids=input_ids, attention_mask=attention_mask, targets=flat_target, capture=cap,
                      pooled=states.pooled, vocab_size=vocab, ignore_index=ignore_index)
         counted = flat_target != ignore_index
-        n_tok = int(counted.sum())
+        n_tok = counted.sum()  # stays on the device: CopilotOutput.num_tokens reads it when asked
         if self.copilot is None:
             return CopilotOutput(cap.loss, cap.loss, None, n_tok)
         if replaying:
@@ -492,11 +521,13 @@ class TransformerCopilot(nn.Module):
             # no Triton kernel for this op (the Gram form is a few small GEMMs): a model asked for the Triton
             # kernels uses them where they exist, as "auto" does on CUDA
             ignore_index=ignore_index, impl="auto" if self.impl == "triton" else self.impl,
+            # the capture's labels: checked above, or (while compiling) by the capture op before this runs
+            check_labels=False,
         )
         return CopilotOutput(cap.loss + copilot_loss, cap.loss, copilot_loss, n_tok)
 
     def _check_inputs(self, input_ids, attention_mask, labels) -> None:
-        """Shapes, dtypes and devices of ``forward``'s tensors (no host synchronisation on CUDA)."""
+        """Shapes, dtypes and devices of ``forward``'s tensors (no host read; the values: :meth:`_check_values`)."""
         if not isinstance(input_ids, torch.Tensor):
             raise ValueError(f"input_ids: expected a torch.Tensor [batch, length], got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
@@ -518,10 +549,30 @@ class TransformerCopilot(nn.Module):
                 raise ValueError(f"{name}: expected a tensor on {input_ids.device} (like input_ids), got {t.device}")
         if labels is not None and labels.dtype not in ID_DTYPES:
             raise ValueError(f"labels: expected token ids of dtype int64 or int32, got {_dtype_name(labels)}")
-        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-            # The range check reads the ids on the host: free for CPU tensors, a synchronisation per step on an
-            # accelerator, where it is left out (as in Hugging Face models; the embedding's own index check fires).
-            check_token_ids(self.pilot, input_ids)
+
+    def _check_values(self, input_ids, labels, ignore_index: int) -> bool:
+        """The ids in the Pilot's input embedding (:func:`check_token_ids`) and the labels that count in its LM head
+        (``check_labels``), with one host read for both (one synchronisation on an accelerator).
+
+        Only ``labels[:, 1:]`` is read: :func:`shift_labels` drops the first column. Returns whether the labels
+        were checked: not while ``torch.compile`` traces (a host read would break the graph; the capture op then
+        checks them when it runs, and the ids are left to the embedding's own index check).
+        """
+        if torch.compiler.is_compiling():
+            return False
+        id_vocab = input_vocab_size(self.pilot)
+        counted = labels[:, 1:]
+        parts = [] if id_vocab is None else [token_id_extrema(input_ids)]
+        if counted.numel() > 0:
+            parts.append(label_extrema(counted, ignore_index))
+        values = torch.cat(parts).tolist() if parts else []
+        if id_vocab is not None:
+            check_token_id_extrema(values[0], values[1], id_vocab)
+            values = values[2:]
+        if values:
+            vocab = self.pilot.get_output_embeddings().weight.shape[0]
+            check_label_extrema("labels", values[0], values[1], vocab, ignore_index)
+        return True
 
     def generate(self, input_ids, max_new_tokens=None, lam: float = 1.0, fusion: str = "probs", **kwargs):
         """Algorithm 2: see :func:`tcopilot.generate.generate` for every option (``GenerationConfig`` names;

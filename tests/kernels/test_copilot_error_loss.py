@@ -227,6 +227,8 @@ BAD_INPUTS = [
     ("labels", dict(labels=torch.tensor([1, 2, 3])), r"\[6\]"),
     ("labels", dict(labels=torch.ones(6)), "dtype"),
     ("impl", dict(impl="fast"), "fast"),
+    ("check_labels", dict(check_labels=0), "expected a bool, got 0"),
+    ("check_labels", dict(check_labels="yes"), "expected a bool, got 'yes'"),
 ]
 
 
@@ -238,6 +240,21 @@ def test_bad_input_names_the_argument(arg, change, detail):
     with pytest.raises(ValueError, match=re.escape(arg)) as err:
         copilot_error_loss(**kwargs)
     assert re.search(detail, str(err.value)), str(err.value)
+
+
+def test_check_labels_false_gives_the_same_loss_and_gradients():
+    """``check_labels=False`` only skips the range check (its host read): the same loss and gradients."""
+    losses, grads = [], []
+    for check in (True, False):
+        kwargs = _good()
+        leaves = [kwargs[k].requires_grad_() for k in ("hidden", "weight", "bias")]
+        loss = copilot_error_loss(**kwargs, check_labels=check)
+        loss.backward()
+        losses.append(loss)
+        grads.append([t.grad for t in leaves])
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_bias_none_accepts_both_widths():

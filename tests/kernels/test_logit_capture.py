@@ -430,6 +430,9 @@ BAD_INPUTS = [
     ("token_weights", dict(token_weights=torch.ones(5)), r"\[6\]"),
     ("token_weights", dict(token_weights=torch.ones(6, dtype=torch.long)), "dtype"),
     ("ignore_index", dict(ignore_index=None), "int"),
+    ("check_labels", dict(check_labels=1), "expected a bool, got 1"),
+    ("check_labels", dict(check_labels="no"), "expected a bool, got 'no'"),
+    ("check_labels", dict(check_labels=None), "expected a bool, got None"),
 ]
 
 
@@ -441,6 +444,22 @@ def test_bad_input_names_the_argument(arg, change, detail):
     with pytest.raises(ValueError, match=arg) as err:
         logit_capture(**kwargs)
     assert re.search(detail, str(err.value)), str(err.value)
+
+
+def test_check_labels_false_gives_the_same_capture_and_gradients():
+    """``check_labels=False`` only skips the range check (its host read): the same values and gradients."""
+    caps, grads = [], []
+    for check in (True, False):
+        kwargs = _good()
+        leaves = [kwargs[k].requires_grad_() for k in ("hidden", "weight", "values")]
+        cap = logit_capture(**kwargs, topk=3, impl="torch", check_labels=check)
+        (cap.loss + cap.p_values.square().sum()).backward()
+        caps.append(cap)
+        grads.append([t.grad for t in leaves])
+    for name, a, b in zip(Capture._fields, *caps):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_function_saves_no_vocab_sized_tensor():

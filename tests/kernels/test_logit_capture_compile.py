@@ -387,12 +387,31 @@ def test_compiled_checks_labels_at_run_time():
         f(h, w, bad)
 
 
+def test_compiled_check_labels_false_skips_the_run_time_check(monkeypatch):
+    """``check_labels`` travels through the op's schema: with False the compiled op never reads the labels back
+    (the same results as with the check); with True it checks them when it runs."""
+    from tcopilot.kernels.logit_capture import api
+
+    h, w, y, v, _ = _inputs()
+    checked = []
+    real = api.check_label_values
+    monkeypatch.setattr(api, "check_label_values", lambda *a: checked.append(a[0]) or real(*a))
+    want = logit_capture(h, w, y, v)
+    for flag in (False, True):
+        checked.clear()
+        f = torch.compile(lambda h, w, y, flag=flag: logit_capture(h, w, y, v, check_labels=flag),
+                          backend="aot_eager", fullgraph=True)
+        cap = f(h, w, y)
+        assert checked == (["labels"] if flag else []), flag
+        _assert_same((want, []), (cap, []))
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_custom_ops_pass_opcheck(with_bias):
     h, w, y, v, tw = _inputs()
     b = torch.randn(V, generator=torch.Generator().manual_seed(4)).requires_grad_() if with_bias else None
     fwd_args = (h.requires_grad_(), w.requires_grad_(), b, y, v.requires_grad_(), tw, None, IGNORE, "mean", 2)
-    fwd_args += (None, 0.0, 0.01, "torch")
+    fwd_args += (None, 0.0, 0.01, "torch", True)
     torch.library.opcheck(torch.ops.tcopilot.logit_capture_fwd.default, fwd_args)
     cap = torch.ops.tcopilot.logit_capture_fwd(*fwd_args)
     lse, den = cap[1].detach(), cap[7].detach()

@@ -138,3 +138,28 @@ def test_forward_checks_the_id_range_of_cpu_inputs():
         model(ids.masked_fill(ids == ids[0, 0], vocab), mask)  # was an IndexError inside torch.embedding
     with pytest.raises(ValueError, match=r"^input_ids: expected token ids in .*got -1"):
         model(ids.masked_fill(ids == ids[0, 0], -1), mask)
+
+
+def test_forward_checks_the_label_range_before_running_the_pilot():
+    """The labels that count (all but each row's first: the shift drops it) are checked with the ids, before the
+    Pilot runs, with the message of the fused ops; ``ignore_index`` is checked as they check it."""
+    model = tiny_pair("llama")
+    vocab = model.pilot.get_output_embeddings().weight.shape[0]
+    ids, mask = left_padded_prompts(3, 6, vocab, 0, low=2)
+    labels = ids.masked_fill(mask == 0, -100)
+    runs = []
+    model.pilot.get_input_embeddings().register_forward_hook(lambda *_: runs.append(1))
+    for bad, got in ((vocab, vocab), (-5, -5), (10**12, 10**12)):
+        with pytest.raises(ValueError, match=rf"^labels: expected values in \[0, {vocab}\) or ignore_index=-100, "
+                                             rf"got {got}$"):
+            model(ids, mask, labels=labels.masked_fill(labels == labels[0, 3], bad))
+    assert runs == []
+    first_col = labels.clone()
+    first_col[:, 0] = vocab + 5  # predicted by no position
+    torch.testing.assert_close(model(ids, mask, labels=first_col).loss, model(ids, mask, labels=labels).loss)
+    other = labels.masked_fill(mask == 0, -1)
+    torch.testing.assert_close(model(ids, mask, labels=other, ignore_index=-1).loss,
+                               model(ids, mask, labels=labels).loss)
+    for bad_index in (1.5, None, np.float64(-100)):
+        with pytest.raises(ValueError, match="^ignore_index: expected an int"):
+            model(ids, mask, ignore_index=bad_index)

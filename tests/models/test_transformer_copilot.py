@@ -61,6 +61,21 @@ def test_narrow_copilot_and_pilot_only():
     torch.testing.assert_close(o2.loss, ref_p, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("copilot", [True, False])
+def test_num_tokens_counts_the_shifted_labels(copilot):
+    """``num_tokens`` stays on the device in forward (``num_tokens_tensor``) and is a Python int when read."""
+    model = tiny_pair("llama")
+    if not copilot:
+        model = TransformerCopilot(model.pilot, None, impl="torch")
+    ids, mask, labels = _batch()
+    out = model(ids, attention_mask=mask, labels=labels)
+    want = int((labels[:, 1:] != -100).sum())
+    assert out.num_tokens_tensor.shape == () and out.num_tokens_tensor.dtype == torch.int64
+    assert type(out.num_tokens) is int and out.num_tokens == want
+    out = model(ids, attention_mask=mask)  # labels from the ids: every real token but each row's first
+    assert out.num_tokens == int(mask[:, 1:].sum())
+
+
 def test_all_ignored_batch_gives_zero_losses_not_nan():
     model = tiny_pair("llama")
     ids, mask, _ = _batch()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tcopilot._validation import FLOAT_DTYPES, IMPLS, check_choice, check_int, check_labels, check_tensor, resolve_impl
+from tcopilot._validation import FLOAT_DTYPES, IMPLS, check_bool, check_choice, check_int, check_tensor, resolve_impl
+from tcopilot._validation import check_labels as check_label_values  # the name check_labels is an option here
 
 from .torch_impl import copilot_error_loss_torch
 
@@ -20,6 +21,7 @@ def copilot_error_loss(
     *,
     ignore_index: int = -100,
     impl: str = "auto",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     r"""The Copilot's token RMSE (paper Eq. 7) without forming anything of size ``[N x V]``.
 
@@ -41,6 +43,11 @@ def copilot_error_loss(
         labels: ``[N]`` int32/int64 ids in ``[0, V)`` or ``ignore_index``: the same labels as the capture.
         ignore_index: an int, the label of rows that do not count.
         impl: ``"auto"`` or ``"torch"`` (the Gram form in PyTorch); ``"triton"`` is not implemented yet.
+        check_labels: a bool, keyword only (default True). ``False`` skips the range check of ``labels``, and with
+            it the host read (on an accelerator, a synchronisation) that the check costs; the caller guarantees
+            that every label is in ``[0, V)`` or ``ignore_index`` (e.g. the labels that ``logit_capture`` already
+            checked). Out-of-range labels then give undefined results. The labels' shape, dtype and device are
+            checked either way.
 
     Returns:
         A 0-d fp32 tensor (fp64 when ``hidden`` and ``weight`` are fp64): the RMSE, 0.0 when no row is
@@ -55,7 +62,7 @@ def copilot_error_loss(
 
     Raises:
         ValueError: naming the argument, with the expected and the received value (shapes, dtypes, devices,
-            a ``capture`` without ``p_values`` or of the wrong width, labels, ``impl``).
+            a ``capture`` without ``p_values`` or of the wrong width, labels, ``impl``, ``check_labels``).
         NotImplementedError: ``impl="triton"`` (on any device).
 
     Example:
@@ -101,7 +108,8 @@ def copilot_error_loss(
     check_tensor("capture.p_sq_sum", capture.p_sq_sum, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(n,))
     ignore_index = check_int("ignore_index", ignore_index, what="an int (in int64 range)")
     check_tensor("labels", labels, ndim=1, dtypes=LABEL_DTYPES, device=device, shape=(n,))
-    check_labels("labels", labels, vocab, ignore_index)
+    if check_bool("check_labels", check_labels):
+        check_label_values("labels", labels, vocab, ignore_index)
 
     # No Triton kernel for this op yet: the Gram form is a handful of small GEMMs, already cheap.
     resolve_impl(impl, device, "copilot_error_loss", triton_available=False)

@@ -14,15 +14,16 @@ import torch
 from tcopilot._validation import (
     FLOAT_DTYPES,
     IMPLS,
+    check_bool,
     check_choice,
     check_finite,
     check_float32_range,
     check_int,
-    check_labels,
     check_tensor,
     is_finite_number,
     resolve_impl,
 )
+from tcopilot._validation import check_labels as check_label_values  # the name check_labels is an option here
 
 from .autograd import acc_dtype, capture_grads, mean_denom, save_capture, without_autocast
 from .capture import Capture
@@ -137,6 +138,7 @@ def logit_capture(
     token_weights: torch.Tensor | None = None,
     num_items_in_batch=None,
     impl: str = "auto",
+    check_labels: bool = True,
 ) -> Capture:
     r"""The Pilot's LM-head loss and the Mistake Log statistics, without a ``[N x V]`` tensor.
 
@@ -176,6 +178,11 @@ def logit_capture(
         impl: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"`` (chunked PyTorch, never
             holds ``[N x V]``) or ``"triton"`` (no silent fallback; CPU tensors only under
             ``TRITON_INTERPRET=1``).
+        check_labels: a bool, keyword only (default True). ``False`` skips the range check of ``labels``, and with
+            it the host read (on an accelerator, a synchronisation) that the check costs; the caller guarantees
+            that every label is in ``[0, V)`` or ``ignore_index`` (``TransformerCopilot.forward`` checks them
+            beforehand together with the input ids). Out-of-range labels then give undefined results. The
+            labels' shape, dtype and device are checked either way.
 
     Returns:
         :class:`Capture` ``(loss, lse, p_target, p_sq_sum, p_values, topk_ids, topk_logits)``. Statistics
@@ -198,8 +205,9 @@ def logit_capture(
         ``torch.ops.tcopilot.logit_capture_fwd`` (``torch.library``; fake/meta implementation for shapes,
         autograd formula calling ``torch.ops.tcopilot.logit_capture_bwd``), which runs the same PyTorch or
         Triton launchers as eager mode. No graph break (``fullgraph=True`` works); the checks that read tensor
-        values (labels in range, a tensor ``num_items_in_batch`` > 0) then run when the op executes, still
-        raising ``ValueError``. Eager calls skip the dispatcher and use the autograd functions directly.
+        values (labels in range unless ``check_labels=False``, a tensor ``num_items_in_batch`` > 0) then run when
+        the op executes, still raising ``ValueError``. Eager calls skip the dispatcher and use the autograd
+        functions directly.
 
     FSDP:
         The fused op needs the full (gathered) LM-head ``weight`` of shape ``[V, d]``: call it inside the
@@ -269,9 +277,10 @@ def logit_capture(
         )
     ignore_index = check_int("ignore_index", ignore_index, what="an int (in int64 range)")
     check_tensor("labels", labels, ndim=1, dtypes=LABEL_DTYPES, device=device, shape=(n,))
-    if not compiling:
+    check_labels = check_bool("check_labels", check_labels)
+    if check_labels and not compiling:
         # Data-dependent (reads the labels back): under torch.compile the op checks them when it runs.
-        check_labels("labels", labels, vocab, ignore_index)
+        check_label_values("labels", labels, vocab, ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     topk = check_int("topk", topk, low=0, high=vocab, what=f"an int in [0, {vocab}] (the vocabulary size)")
     if softcap is not None:
@@ -305,7 +314,7 @@ def logit_capture(
         num_items_in_batch=num_items_in_batch,
     )
     if compiling:
-        return _capture_op(hidden, weight, bias, labels, values, resolved, **kwargs)
+        return _capture_op(hidden, weight, bias, labels, values, resolved, check_labels=check_labels, **kwargs)
     if resolved == "triton":
         return fn(hidden, weight, labels, values, bias=bias, **kwargs)
     return logit_capture_torch(hidden, weight, labels, values, bias=bias, **kwargs)
@@ -326,7 +335,7 @@ def logit_capture(
 _FWD_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? values, Tensor? token_weights, "
     "Tensor? denom, int ignore_index, str reduction, int topk, float? softcap, float label_smoothing, "
-    "float z_loss, str impl) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float z_loss, str impl, bool check_labels) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor? token_weights, "
@@ -347,11 +356,13 @@ def _launchers(impl: str):
 
 @torch.library.custom_op("tcopilot::logit_capture_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _capture_fwd_op(
-    hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl
+    hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl,
+    check_labels,
 ):
     """``(loss, lse, p_target, p_sq_sum, p_values | [N, 0], topk_ids [N, K], topk_logits [N, K], denom)``."""
     # The checks that read tensor values, deferred from tracing to run time.
-    check_labels("labels", labels, weight.shape[0], ignore_index)
+    if check_labels:
+        check_label_values("labels", labels, weight.shape[0], ignore_index)
     if denom is not None:
         value = float(denom)
         if not math.isfinite(value) or value <= 0:
@@ -371,7 +382,8 @@ def _capture_fwd_op(
 
 
 @_capture_fwd_op.register_fake
-def _(hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl):
+def _(hidden, weight, bias, labels, values, token_weights, denom, ignore_index, reduction, topk, softcap, ls, zl, impl,
+      check_labels):
     n = hidden.shape[0]
     acc = acc_dtype(hidden.dtype)
     vec = hidden.new_empty((n,), dtype=acc)
@@ -456,7 +468,10 @@ def _(hidden, weight, bias, labels, lse, token_weights, denom, g_loss, g_p_value
 
 
 def _capture_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, values, token_weights, _, ignore_index, reduction, _, softcap, ls, zl, impl = inputs
+    # the last input, check_labels, matters to the forward only
+    hidden, weight, bias, labels, values, token_weights, _, ignore_index, reduction, _, softcap, ls, zl, impl, _ = (
+        inputs
+    )
     _, lse, p_t, p_sq, _, ids, top, den = output
     # ls / zl are floats by the schema: unlike the eager Functions, no float() (it could specialise a SymFloat).
     cfg = dict(
@@ -467,7 +482,8 @@ def _capture_setup(ctx, inputs, output):
 
 
 def _capture_backward(ctx, g_loss, _g_lse, _g_pt, _g_psq, g_p_values, _g_ids, _g_top, _g_den):
-    return capture_grads(ctx, g_loss, g_p_values, _bwd_through_op)
+    # capture_grads covers the 14 inputs the op shares with the eager Functions; check_labels gets no gradient
+    return capture_grads(ctx, g_loss, g_p_values, _bwd_through_op) + (None,)
 
 
 def _bwd_through_op(hidden, weight, bias, labels, lse, token_weights, denom, g_loss, g_p_values, values_meta, **kw):
@@ -501,7 +517,9 @@ def _bwd_through_op(hidden, weight, bias, labels, lse, token_weights, denom, g_l
 _capture_fwd_op.register_autograd(_capture_backward, setup_context=_capture_setup)
 
 
-def _capture_op(hidden, weight, bias, labels, values, impl, *, num_items_in_batch, token_weights, **kw) -> Capture:
+def _capture_op(
+    hidden, weight, bias, labels, values, impl, *, num_items_in_batch, token_weights, check_labels, **kw
+) -> Capture:
     """The compiled-graph form of :func:`logit_capture` (validated arguments; ``impl`` resolved)."""
     denom = mean_denom(num_items_in_batch, kw["reduction"], hidden)
     out = torch.ops.tcopilot.logit_capture_fwd(
@@ -519,6 +537,7 @@ def _capture_op(hidden, weight, bias, labels, values, impl, *, num_items_in_batc
         kw["label_smoothing"],
         kw["z_loss"],
         impl,
+        check_labels,
     )
     loss, lse, p_t, p_sq, p_v, ids, top, _ = out
     has_top = kw["topk"] > 0
