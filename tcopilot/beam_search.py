@@ -67,6 +67,140 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, index, dim=1)
 
 
+class _BeamState:
+    """The search's tensors (live beams, finished hypotheses, the "unsatisfied" rows) and one scoring step.
+
+    Eager (``static=False``) the step index is a Python int and the state is rebound, exactly HF's arithmetic.
+    ``static`` (CUDA-graph decoding): the step index is a device counter, the per-step divisors come from tables
+    indexed on the device, every update is written in place into fixed buffers, and once a step finds every row
+    done the state is frozen (later steps, run before the host notices, leave it as it was).
+    """
+
+    def __init__(self, dec, bsz, k, steps, eos_ids, pad_token_id, lam, fusion, length_penalty, early_stopping,
+                 static):  # fmt: skip
+        device = dec.h.device
+        self.dec, self.bsz, self.k, self.steps, self.static = dec, bsz, k, steps, static
+        self.lam, self.fusion, self.length_penalty, self.early_stopping = lam, fusion, length_penalty, early_stopping
+        # HF's candidate count: among the top (1 + #eos) * k, at least k do not hit EOS (a beam has at most #eos EOS
+        # tokens). It is clamped to the k * V candidates that exist at the first step (an EOS list as long as the
+        # vocabulary, or with repeated ids, asks for more; topk would fail): all of them are then kept, which
+        # includes every non-hitting one, so the choice is the one an unbounded count would make. Where the count
+        # fits (every case HF runs), nothing changes.
+        self.n_keep = max(2, 1 + len(eos_ids)) * k
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        self.offsets = (torch.arange(bsz, device=device) * k)[:, None]
+        self.run_seq = torch.full((bsz, k, steps), pad_token_id, dtype=torch.long, device=device)
+        self.run_scores = torch.zeros((bsz, k), dtype=torch.float32, device=device)
+        self.run_scores[:, 1:] = _NEG
+        self.fin_seq = self.run_seq.clone()
+        self.fin_scores = torch.full((bsz, k), _NEG, dtype=torch.float32, device=device)
+        self.fin_valid = torch.zeros((bsz, k), dtype=torch.bool, device=device)
+        self.fin_len = torch.zeros((bsz, k), dtype=torch.long, device=device)
+        self.unsatisfied = torch.ones((bsz, 1), dtype=torch.bool, device=device)
+        self.run_src = torch.zeros((bsz, k), dtype=torch.long, device=device)
+        self.run_tok = torch.zeros((bsz, k), dtype=torch.long, device=device)
+        self.rows_done = None  # eager: which rows are done after the last step
+        self.generator = None  # (the interface graph_decode's capture helpers read: step(), done, generator)
+        if static:
+            self.t = torch.zeros(1, dtype=torch.long, device=device)
+            self.done = torch.zeros(steps, dtype=torch.bool, device=device)  # step t: every row done
+            # float32 divisors of Python's float64 powers: what `tensor / python_float` divides by
+            self.fin_div = torch.tensor([(t + 1) ** length_penalty for t in range(steps)], dtype=torch.float32,
+                                        device=device)  # fmt: skip
+            self.live_div = torch.tensor([self._hyp_len(t) ** length_penalty for t in range(steps)],
+                                         dtype=torch.float32, device=device)  # fmt: skip
+
+    def _hyp_len(self, t: int) -> int:
+        return self.steps if (self.early_stopping == "never" and self.length_penalty > 0.0) else t + 1
+
+    def _set(self, **values) -> None:
+        for name, value in values.items():
+            if self.static:  # in place; unchanged once every row is done (a step the host has not stopped yet)
+                buf = getattr(self, name)
+                buf.copy_(torch.where(self.frozen, buf, value))
+            else:
+                setattr(self, name, value)
+
+    def score(self, t: int | None = None) -> None:
+        """Step ``t`` (static: the device counter): score the candidates, update the beams and hypotheses."""
+        static, k, bsz, steps = self.static, self.k, self.bsz, self.steps
+        if static:
+            self.frozen = self.done.any()
+        logp = beam_log_probs(self.dec.z, self.dec.copilot_out(), self.lam, self.fusion)
+        vocab = logp.shape[-1]
+        cand = (logp.view(bsz, k, vocab) + self.run_scores[:, :, None]).view(bsz, k * vocab)
+        if t == 0:
+            self.n_keep = min(self.n_keep, k * vocab)
+            self.top_k_mask = torch.arange(self.n_keep, device=cand.device) < k
+        top_scores, top_idx = torch.topk(cand, self.n_keep, dim=-1)
+        src, tok = top_idx // vocab, top_idx % vocab
+        top_seq = _gather(self.run_seq, src)
+        is_eos = (tok[..., None] == self.eos).any(-1) if self.eos.numel() else torch.zeros_like(tok, dtype=torch.bool)
+        if static:
+            top_seq.scatter_(2, self.t.expand(bsz, self.n_keep, 1), tok[..., None])
+            hits = is_eos | (self.t == steps - 1)
+        else:
+            top_seq[:, :, t] = tok
+            hits = torch.ones_like(tok, dtype=torch.bool) if t == steps - 1 else is_eos
+
+        # live beams: the k best candidates that did not hit
+        run_key = top_scores + hits.to(torch.float32) * _NEG
+        sel = torch.topk(run_key, k, dim=-1).indices
+        self._set(run_seq=_gather(top_seq, sel), run_scores=_gather(run_key, sel), run_src=_gather(src, sel),
+                  run_tok=_gather(tok, sel))  # fmt: skip
+
+        # finished hypotheses: hits among the top k, unless the row is already done
+        just = hits & self.top_k_mask[None, :]
+        if static:
+            fscore = top_scores / self.fin_div.index_select(0, self.t)
+            new_len = (self.t + 1).expand_as(tok)
+        else:
+            fscore = top_scores / ((t + 1) ** self.length_penalty)
+            new_len = torch.full_like(tok, t + 1)
+        es_true = self.early_stopping is True
+        fscore = fscore + (self.fin_valid.all(-1, keepdim=True) & es_true).to(torch.float32) * _NEG
+        fscore = fscore + (~self.unsatisfied).to(torch.float32) * _NEG
+        fscore = fscore + (~just).to(torch.float32) * _NEG
+        merged = torch.cat([self.fin_scores, fscore], dim=1)
+        keep = torch.topk(merged, k, dim=-1).indices
+        self._set(fin_seq=_gather(torch.cat([self.fin_seq, top_seq], dim=1), keep), fin_scores=_gather(merged, keep),
+                  fin_valid=_gather(torch.cat([self.fin_valid, just], dim=1), keep),
+                  fin_len=_gather(torch.cat([self.fin_len, new_len], dim=1), keep))  # fmt: skip
+
+        # can a live beam still improve on the kept hypotheses? (HF's heuristic)
+        if static:
+            best_live = self.run_scores[:, :1] / self.live_div.index_select(0, self.t)
+        else:
+            best_live = self.run_scores[:, :1] / (self._hyp_len(t) ** self.length_penalty)
+        worst = torch.where(self.fin_valid, self.fin_scores.min(dim=-1, keepdim=True).values, _NEG)
+        self._set(unsatisfied=self.unsatisfied & (best_live > worst).any(dim=-1, keepdim=True))
+        done = ~self.unsatisfied[:, 0] | (self.fin_valid.all(-1) & es_true)
+        if static:
+            self.done.index_copy_(0, self.t, done.all().reshape(1))
+            self.t += 1
+        else:
+            self.rows_done = done
+
+    def advance(self) -> None:
+        """Reorder both models' state with the live beams and feed their last tokens."""
+        self.dec.reorder((self.run_src + self.offsets).reshape(-1))
+        self.dec.advance(self.run_tok.reshape(-1))
+
+    def step(self) -> None:
+        """``static``: one decoding step after the first (the body a CUDA graph captures)."""
+        self.advance()
+        self.score()
+
+    def result(self, input_ids: torch.Tensor, last_t: int) -> torch.Tensor:
+        best_seq, best_len = self.fin_seq[:, 0], self.fin_len[:, 0]
+        usable = self.fin_valid[:, 0] & torch.isfinite(self.fin_scores[:, 0])
+        if not bool(usable.all()):  # only -inf hypotheses: take the best live beam (module docstring)
+            best_seq = torch.where(usable[:, None], best_seq, self.run_seq[:, 0])
+            best_len = torch.where(usable, best_len, torch.full_like(best_len, last_t + 1))
+        new = int(best_len.max())
+        return torch.cat([input_ids, best_seq[:, :new]], dim=1)
+
+
 @torch.no_grad()
 def beam_search(
     model,
@@ -81,91 +215,46 @@ def beam_search(
     pad_token_id: int,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    static: bool = False,
+    capture: bool | None = None,
+    warmup: int = 2,
+    check_every: int = 8,
 ) -> torch.Tensor:
-    """Beam search with both caches; returns ``[B, L + T]`` (validated options: see ``tcopilot.generate``)."""
+    """Beam search with both caches; returns ``[B, L + T]`` (validated options: see ``tcopilot.generate``).
+
+    ``static`` (``generate(num_beams=k, cuda_graph=True)``): static caches and a device-side step, captured in a
+    CUDA graph after ``warmup`` eager steps when ``capture`` (default: on CUDA tensors), else run eagerly; the host
+    looks at the "every row done" flags every ``check_every`` steps. Same tokens as the eager search.
+    """
     from tcopilot.generate import _PairDecoder, _uses_copilot
 
     bsz, length = input_ids.shape
     k, steps = num_beams, max_new_tokens
-    device = input_ids.device
     use_copilot = _uses_copilot(model, lam)
-    # HF's candidate count: among the top (1 + #eos) * k, at least k do not hit EOS (a beam has at most #eos EOS
-    # tokens). It is clamped to the k * V candidates that exist at the first step (an EOS list as long as the
-    # vocabulary, or with repeated ids, asks for more; topk would fail): all of them are then kept, which
-    # includes every non-hitting one, so the choice is the one an unbounded count would make. Where the count
-    # fits (every case HF runs), nothing changes.
-    n_keep = max(2, 1 + len(eos_token_ids)) * k
-    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
-    offsets = (torch.arange(bsz, device=device) * k)[:, None]
-
-    run_seq = torch.full((bsz, k, steps), pad_token_id, dtype=torch.long, device=device)
-    run_scores = torch.zeros((bsz, k), dtype=torch.float32, device=device)
-    run_scores[:, 1:] = _NEG
-    fin_seq = run_seq.clone()
-    fin_scores = torch.full((bsz, k), _NEG, dtype=torch.float32, device=device)
-    fin_valid = torch.zeros((bsz, k), dtype=torch.bool, device=device)
-    fin_len = torch.zeros((bsz, k), dtype=torch.long, device=device)
-    unsatisfied = torch.ones((bsz, 1), dtype=torch.bool, device=device)
-    es_true = early_stopping is True
-
     with pilot_states(model.pilot) as states:
-        dec = _PairDecoder(model, states, use_copilot)
+        dec = _PairDecoder(model, states, use_copilot, static=static)
         dec.prefill(input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0), max_new_tokens)
-        for t in range(steps):
-            logp = beam_log_probs(dec.z, dec.copilot_out(), lam, fusion)
-            vocab = logp.shape[-1]
-            cand = (logp.view(bsz, k, vocab) + run_scores[:, :, None]).view(bsz, k * vocab)
-            if t == 0:
-                n_keep = min(n_keep, k * vocab)
-                top_k_mask = torch.arange(n_keep, device=device) < k
-            top_scores, top_idx = torch.topk(cand, n_keep, dim=-1)
-            src, tok = top_idx // vocab, top_idx % vocab
-            top_seq = _gather(run_seq, src)
-            top_seq[:, :, t] = tok
-            if t == steps - 1:
-                hits = torch.ones_like(tok, dtype=torch.bool)
-            elif eos.numel():
-                hits = torch.isin(tok, eos)
-            else:
-                hits = torch.zeros_like(tok, dtype=torch.bool)
+        search = _BeamState(dec, bsz, k, steps, eos_token_ids, pad_token_id, lam, fusion, length_penalty,
+                            early_stopping, static)  # fmt: skip
+        if not static:
+            for t in range(steps):
+                search.score(t)
+                if t == steps - 1 or bool(search.rows_done.all()):
+                    break
+                search.advance()
+            return search.result(input_ids, t)
+        from tcopilot.graph_decode import _check_capturable, _run, _warm_up_and_capture
 
-            # live beams: the k best candidates that did not hit
-            run_key = top_scores + hits.to(torch.float32) * _NEG
-            sel = torch.topk(run_key, k, dim=-1).indices
-            run_seq, run_scores = _gather(top_seq, sel), _gather(run_key, sel)
-            run_src, run_tok = _gather(src, sel), _gather(tok, sel)
-
-            # finished hypotheses: hits among the top k, unless the row is already done
-            just = hits & top_k_mask[None, :]
-            fscore = top_scores / ((t + 1) ** length_penalty)
-            fscore = fscore + (fin_valid.all(-1, keepdim=True) & es_true).to(torch.float32) * _NEG
-            fscore = fscore + (~unsatisfied).to(torch.float32) * _NEG
-            fscore = fscore + (~just).to(torch.float32) * _NEG
-            merged = torch.cat([fin_scores, fscore], dim=1)
-            keep = torch.topk(merged, k, dim=-1).indices
-            fin_seq = _gather(torch.cat([fin_seq, top_seq], dim=1), keep)
-            fin_scores = _gather(merged, keep)
-            fin_valid = _gather(torch.cat([fin_valid, just], dim=1), keep)
-            fin_len = _gather(torch.cat([fin_len, torch.full_like(tok, t + 1)], dim=1), keep)
-
-            # can a live beam still improve on the kept hypotheses? (HF's heuristic)
-            hyp_len = steps if (early_stopping == "never" and length_penalty > 0.0) else t + 1
-            best_live = run_scores[:, :1] / (hyp_len ** length_penalty)
-            worst = torch.where(fin_valid, fin_scores.min(dim=-1, keepdim=True).values, _NEG)
-            unsatisfied = unsatisfied & (best_live > worst).any(dim=-1, keepdim=True)
-            done = ~unsatisfied[:, 0] | (fin_valid.all(-1) & es_true)
-            if t == steps - 1 or bool(done.all()):
-                break
-            dec.reorder((run_src + offsets).reshape(-1))
-            dec.advance(run_tok.reshape(-1))
-
-    best_seq, best_len = fin_seq[:, 0], fin_len[:, 0]
-    usable = fin_valid[:, 0] & torch.isfinite(fin_scores[:, 0])
-    if not bool(usable.all()):  # only -inf hypotheses: take the best live beam (module docstring)
-        best_seq = torch.where(usable[:, None], best_seq, run_seq[:, 0])
-        best_len = torch.where(usable, best_len, torch.full_like(best_len, t + 1))
-    new = int(best_len.max())
-    return torch.cat([input_ids, best_seq[:, :new]], dim=1)
+        capture = input_ids.is_cuda if capture is None else capture
+        if capture:
+            _check_capturable(model, dec, None)
+        search.score(0)
+        picked, graph = 1, None
+        if capture and steps - 1 > warmup:
+            graph = _warm_up_and_capture(search, input_ids.device, warmup)
+            picked += warmup
+        done_at = _run(search, steps, picked, graph, check_every)  # the steps that count (<= steps)
+        return search.result(input_ids, done_at - 1)
 
 
 __all__ = ["beam_search", "beam_log_probs"]

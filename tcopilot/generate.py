@@ -395,7 +395,17 @@ class _PairDecoder:
         return new
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select rows (beam search): every cache, the mask, the positions and the fed-back ``g``."""
+        """Select rows (beam search): every cache, the mask, the positions and the fed-back ``g`` (``static``: in
+        place, so that a captured step reads the reordered state)."""
+        if self.static:
+            reorder_static_pilot_cache(self.cache, index)
+            for t in (self.mask, self.cur_pos, self.h):
+                t.copy_(t.index_select(0, index))
+            self._z = None if self._z is None else self._z.index_select(0, index)
+            if self.use_copilot:
+                self.ccache.reorder(index)
+                self.g.copy_(self.g.index_select(0, index))
+            return
         self.cache = reorder_pilot_cache(self.cache, index)
         self.mask, self.cur_pos, self.h = self.mask[index], self.cur_pos[index], self.h[index]
         if self._z is not None:
@@ -445,6 +455,20 @@ def reorder_pilot_cache(cache, index: torch.Tensor):
     if isinstance(cache, (tuple, list)):
         return type(cache)(tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in cache)
     raise ValueError(f"pilot: cannot reorder its KV cache of type {type(cache).__name__} for beam search")
+
+
+def reorder_static_pilot_cache(cache, index: torch.Tensor) -> None:
+    """Select batch rows of a ``transformers.StaticCache`` in place (its buffers keep their addresses).
+
+    ``Cache.reorder_cache`` rebinds each layer to new tensors (and reads the filled length on the host first);
+    here every per-row tensor of a layer (first dimension = the row count: keys, values, and the recurrent states
+    of hybrid layers) is overwritten with its selected rows instead. Shared state (the fill count) is left as is.
+    """
+    rows = index.shape[0]
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+                value.copy_(value.index_select(0, index))
 
 
 def _check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -558,10 +582,12 @@ def generate(
             (:mod:`tcopilot.graph_decode`): the same tokens, without the per-step launch cost of the Pilot's
             and the Copilot's kernels, which dominates small-batch decoding. Needs CUDA tensors, a Pilot family
             with a static KV cache in transformers (``_can_compile_fullgraph``: Llama, Qwen2, Mistral, Gemma,
-            ...), ``num_beams=1`` and a ``seed`` or the default generator for sampling (a user ``generator``
-            needs ``CUDAGraph.register_generator_state``). Each call captures its own graph (a few eager warm-up
-            steps first), so it pays off from a few dozen new tokens on; :class:`tcopilot.GraphDecoder` keeps
-            one graph for many calls. Both caches hold ``L + max_new_tokens``
+            ...) and a ``seed`` or the default generator for sampling (a user ``generator`` needs
+            ``CUDAGraph.register_generator_state``). Beam search is captured too (its bookkeeping on the device,
+            the caches reordered in place; :func:`tcopilot.beam_search.beam_search` with ``static=True``). Each
+            call captures its own graph (a few eager warm-up steps first), so it pays off from a few dozen new
+            tokens on; :class:`tcopilot.GraphDecoder` keeps one graph for many calls (``num_beams=1``). Both caches
+            hold ``L + max_new_tokens``
             positions from the start, and the Pilot's attention reads all of them at every step (HF's static
             cache), so a ``max_new_tokens`` far beyond what is generated costs bandwidth.
 
@@ -576,7 +602,7 @@ def generate(
             ints) in ``[0, V)`` for the Pilot's vocabulary size ``V`` (its LM head's rows); with ``num_beams > 1``
             a ``length_penalty`` with ``max_new_tokens ** |length_penalty|`` past the float32 range (about
             ``|length_penalty| * ln(max_new_tokens) > 87.3``); beam sampling; ``seed``; ``cuda_graph`` not a bool,
-            or True with CPU tensors, beam search, a Pilot family without a static cache or the Copilot's
+            or True with CPU tensors, a Pilot family without a static cache or the Copilot's
             ``attention_impl="torch"``; and
             ``generation_config`` fields that would change the output but are not implemented.
         TypeError: an unknown keyword (as ``PreTrainedModel.generate`` would).
@@ -595,7 +621,7 @@ def generate(
     check_choice("fusion", fusion, FUSIONS)
     check_choice("impl", impl, IMPLS)
     check_seed(seed, generator, input_ids.shape[0], input_ids.device)
-    cuda_graph = _check_cuda_graph(cuda_graph, o["num_beams"], input_ids.device)
+    cuda_graph = _check_cuda_graph(cuda_graph, input_ids.device)
 
     use_copilot = _uses_copilot(model, lam)
     if max_new_tokens == 0:
@@ -606,7 +632,7 @@ def generate(
         return beam_search(
             model, input_ids, attention_mask, num_beams=o["num_beams"], max_new_tokens=max_new_tokens,
             lam=lam if use_copilot else 0.0, fusion=fusion, eos_token_ids=eos_ids, pad_token_id=pad_token_id,
-            length_penalty=o["length_penalty"], early_stopping=o["early_stopping"],
+            length_penalty=o["length_penalty"], early_stopping=o["early_stopping"], static=cuda_graph,
         )
     loop = _loop(cuda_graph)
     with pilot_states(model.pilot) as states:
@@ -621,11 +647,9 @@ def _require_cuda(device: torch.device) -> None:
         raise ValueError(f"cuda_graph: expected CUDA tensors (input_ids), got them on {device}")
 
 
-def _check_cuda_graph(cuda_graph, num_beams: int, device: torch.device) -> bool:
-    """``cuda_graph`` as a bool, refused with beam search or without CUDA tensors."""
+def _check_cuda_graph(cuda_graph, device: torch.device) -> bool:
+    """``cuda_graph`` as a bool, refused without CUDA tensors."""
     cuda_graph = check_bool("cuda_graph", cuda_graph)
-    if cuda_graph and num_beams > 1:
-        raise ValueError(f"cuda_graph: beam search is not captured (num_beams=1 only), got num_beams={num_beams}")
     if cuda_graph:
         _require_cuda(device)  # (the CPU tests replace this check to run the static loop eagerly)
     return cuda_graph
@@ -736,7 +760,7 @@ def generate_settings(model, input_ids: torch.Tensor, settings, *, attention_mas
     o = resolve_generation_options(input_ids.shape[1], options.pop("generation_config", None), **options)
     if o["num_beams"] != 1:
         raise ValueError(f"num_beams: expected 1 (generate_settings decodes greedily or samples), got {o['num_beams']}")
-    cuda_graph = _check_cuda_graph(cuda_graph, 1, input_ids.device)
+    cuda_graph = _check_cuda_graph(cuda_graph, input_ids.device)
     _check_token_ids(model, o["eos_token_ids"], o["pad_token_id"])
     check_token_ids(model.pilot, input_ids)
     if o["max_new_tokens"] == 0:

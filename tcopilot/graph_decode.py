@@ -23,6 +23,9 @@ padding, and the result is cut where :func:`generate` stops, so the tokens are :
 
 Without capture (``capture=False``, what the CPU tests run) the same static steps run eagerly.
 
+Beam search (``generate(num_beams=k, cuda_graph=True)``) runs the same capture and replay helpers over
+:class:`tcopilot.beam_search._BeamState`, whose step keeps the search's bookkeeping on the device.
+
 :class:`GraphDecoder` keeps the decoder, the loop state and the graph for many calls: a later call refills the
 same buffers (``_PairDecoder.prefill(refill=True)``: the Pilot's ``StaticCache`` and the Copilot's static caches
 reset in place, the mask, positions, ``h``, ``g`` and the fed-back product copied in; ``_StaticLoop.reset``) and

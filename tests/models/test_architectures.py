@@ -256,6 +256,7 @@ def test_fused_decode_head_picks_materialised_tokens(arch, head_calls, monkeypat
 def test_static_decoding_equals_generate_or_is_refused(arch):
     """``generate(cuda_graph=True)``'s static caches, run eagerly: the same tokens for every family whose
     transformers class declares static-cache decoding, a ValueError naming the option for the others."""
+    from tcopilot.beam_search import beam_search
     from tcopilot.graph_decode import graph_decode
 
     pilot = _pilot(arch)
@@ -270,6 +271,11 @@ def test_static_decoding_equals_generate_or_is_refused(arch):
                           pad_token_id=PAD, impl="torch")  # fmt: skip
     got = graph_decode(*args, use_copilot=True, capture=False)
     assert torch.equal(got, want), f"{arch}: {got[:, ids.shape[1]:]} vs {want[:, ids.shape[1]:]}"
+    # beams: the static cache reordered in place (every per-row tensor of a layer, recurrent states included)
+    beams = dict(num_beams=2, max_new_tokens=3, lam=1.0, fusion="probs", eos_token_ids=[EOS], pad_token_id=PAD)
+    want = beam_search(model, ids, mask, **beams)
+    got = beam_search(model, ids, mask, static=True, capture=False, **beams)
+    assert torch.equal(got, want), f"{arch} beams: {got[:, ids.shape[1]:]} vs {want[:, ids.shape[1]:]}"
 
 
 def test_multi_stream_decoder_layers_are_refused_with_a_copilot():

@@ -26,6 +26,7 @@ if not _HAS_CUDA:
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from tcopilot.beam_search import beam_search  # noqa: E402
 from tcopilot.generate import _PairDecoder, generate, resolve_generation_options  # noqa: E402
 from tcopilot.graph_decode import _StaticLoop, graph_decode  # noqa: E402
 from tcopilot.pilot import pilot_states  # noqa: E402
@@ -236,6 +237,115 @@ def kv_heads(model) -> int:
     return model.copilot.config.num_key_value_heads
 
 
+# ------------------------------------------------------------------------------------------ beam search
+
+
+def _beam(model, ids, mask, steps, k, *, static, lam=1.0, fusion="probs", eos=(), early_stopping=False,
+          length_penalty=1.0, check_every=8):  # fmt: skip
+    return beam_search(model, ids, mask, num_beams=k, max_new_tokens=steps, lam=lam, fusion=fusion,
+                       eos_token_ids=list(eos), pad_token_id=1, length_penalty=length_penalty,
+                       early_stopping=early_stopping, static=static, capture=False, check_every=check_every)
+
+
+def _hitting_eos(model, ids, mask, steps, k, **kw) -> int:
+    """An id the best hypothesis emits early, so that hypotheses end (and rows finish) before ``steps``."""
+    out = _beam(model, ids, mask, steps, k, static=False, **kw)
+    return int(out[0, ids.shape[1] + 1])
+
+
+@pytest.mark.parametrize(("family", "lam", "fusion"), [("llama", 1.0, "probs"), ("llama", 1.0, "logits"),
+                                                       ("qwen2", 0.0, "probs"), ("gpt2", 1.0, "probs")])
+def test_static_beam_search_equals_beam_search(family, lam, fusion):
+    model = _pair(family)
+    ids, mask = _prompts()
+    k, steps = 3, 9
+    # one id the best hypothesis emits, plus every other id: every row collects its hypotheses early
+    eos = [_hitting_eos(model, ids, mask, steps, k, lam=lam, fusion=fusion)] + list(range(2, 97, 2))
+    early = False
+    for early_stopping, lp in [(True, 1.0), (False, 2.0), ("never", 0.5)]:
+        kw = dict(lam=lam, fusion=fusion, eos=eos, early_stopping=early_stopping, length_penalty=lp)
+        want = _beam(model, ids, mask, steps, k, static=False, **kw)
+        early |= want.shape[1] < ids.shape[1] + steps
+        # the host notices "every row done" every `every` steps: later steps must leave the result alone
+        for every in (1, 2, 50):
+            got = _beam(model, ids, mask, steps, k, static=True, check_every=every, **kw)
+            assert torch.equal(got, want), (early_stopping, lp, every)
+    assert early, "no search stopped early: the frozen state after 'done' is untested"
+
+
+def test_generate_with_beams_and_cuda_graph_equals_eager_beams(static_on_cpu):
+    model = _pair(attention_impl="triton")
+    ids, mask = _prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=5, num_beams=2, eos_token_id=7, pad_token_id=1, impl="triton")
+    assert torch.equal(generate(model, ids, cuda_graph=True, **kw), generate(model, ids, **kw))
+
+
+def test_a_beam_step_reads_nothing_on_the_host_and_keeps_its_shapes(host_copies):
+    from tcopilot.beam_search import _BeamState
+
+    model = _pair(attention_impl="triton")
+    ids, mask = _prompts()
+    k = 2
+    with torch.no_grad(), pilot_states(model.pilot) as states:
+        dec = _PairDecoder(model, states, True, static=True)
+        dec.prefill(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), 6)
+        search = _BeamState(dec, ids.shape[0], k, 6, [5, 9], 1, 1.0, "probs", 1.0, False, static=True)
+        search.score(0)
+        host_copies.clear()
+        steps = []
+        for _ in range(3):
+            with _StepAudit() as audit:
+                search.step()
+            steps.append(audit)
+    assert not host_copies, f"a beam step copies tensor values to the host: {host_copies}"
+    for audit in steps:
+        assert not audit.host_reads, f"a beam step reads tensor values on the host: {audit.host_reads}"
+    assert steps[0].ops == steps[1].ops == steps[2].ops, "a beam step's ops or shapes change from step to step"
+
+
+def test_static_beam_state_is_frozen_once_every_row_is_done():
+    # Replays run on until the host reads the "done" flags: those steps must not touch the result's state (the
+    # best live beam is the fallback of a row whose hypotheses all score -inf).
+    from tcopilot.beam_search import _BeamState
+
+    model = _pair()
+    ids, mask = _prompts()
+    k, steps = 2, 12
+    with torch.no_grad(), pilot_states(model.pilot) as states:
+        dec = _PairDecoder(model, states, True, static=True)
+        dec.prefill(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), steps)
+        search = _BeamState(dec, ids.shape[0], k, steps, list(range(2, 97, 2)), 1, 1.0, "probs", 1.0, True,
+                            static=True)  # fmt: skip
+        search.score(0)
+        while not bool(search.done.any()):
+            search.step()
+        names = ("run_seq", "run_scores", "fin_seq", "fin_scores", "fin_valid", "fin_len", "unsatisfied")
+        frozen = {n: getattr(search, n).clone() for n in names}
+        assert int(search.t) < steps - 2, "the search did not finish early: nothing to check"
+        for _ in range(2):
+            search.step()
+    for n in names:
+        assert torch.equal(getattr(search, n), frozen[n]), f"{n} changed after every row was done"
+
+
+def test_static_pilot_cache_reorders_rows_in_place():
+    from tcopilot.generate import reorder_static_pilot_cache, static_pilot_cache
+    from tcopilot.pilot import pilot_backbone, run_base
+
+    model = _pair()
+    ids, mask = _prompts()
+    base = pilot_backbone(model.pilot)
+    cache = static_pilot_cache(base, ids.shape[1] + 2)
+    with torch.no_grad():
+        run_base(base, ids, mask, torch.arange(ids.shape[1], device=DEV).expand_as(ids), cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    keys, ptr = layer.keys.clone(), layer.keys.data_ptr()
+    index = torch.tensor([2, 0, 0], device=DEV)
+    reorder_static_pilot_cache(cache, index)
+    assert layer.keys.data_ptr() == ptr and torch.equal(layer.keys, keys[index])
+    assert int(layer.cumulative_length) == ids.shape[1]  # shared, not per row
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -244,8 +354,6 @@ def test_cuda_graph_option_errors():
     ids, mask = _prompts()
     with pytest.raises(ValueError, match="cuda_graph: expected a bool"):
         generate(model, ids, attention_mask=mask, max_new_tokens=2, cuda_graph=1)
-    with pytest.raises(ValueError, match="cuda_graph: beam search is not captured"):
-        generate(model, ids, attention_mask=mask, max_new_tokens=2, num_beams=2, cuda_graph=True)
     if not _HAS_CUDA:
         with pytest.raises(ValueError, match="cuda_graph: expected CUDA tensors"):
             generate(model, ids, attention_mask=mask, max_new_tokens=2, cuda_graph=True)
@@ -326,3 +434,17 @@ def test_cuda_graph_lambda_sweep_equals_one_call_per_setting():
     swept = generate_settings(model, ids, settings, **kw)
     for lam, fusion in settings:
         assert torch.equal(swept[(lam, fusion)], generate(model, ids, lam=lam, fusion=fusion, **kw)), (lam, fusion)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("early_stopping", "fusion"), [(True, "probs"), (False, "logits")])
+def test_cuda_graph_beam_search_replays_the_static_steps_exactly(early_stopping, fusion):
+    model = _cuda_pair()
+    ids, mask = _prompts()
+    eos = list(range(2, 97, 2))  # rows finish early: replays past "done" must leave the result alone
+    graphed = generate(model, ids, attention_mask=mask, max_new_tokens=20, num_beams=3, fusion=fusion,
+                       eos_token_id=eos, pad_token_id=1, early_stopping=early_stopping, cuda_graph=True)
+    eager_static = _beam(model, ids, mask, 20, 3, static=True, fusion=fusion, eos=eos,
+                         early_stopping=early_stopping)  # fmt: skip
+    assert torch.equal(graphed, eager_static)
