@@ -17,9 +17,10 @@ Providers:
 
 Shapes: GPU, the Llama-3.2-1B-shaped Pilot of ``bench_e2e.py`` (bf16, random weights) with Copilots of 0, 4 and
 16 layers of its width, batch 1 and 16, a 128-token prompt, 32 greedy new tokens (no EOS: every call decodes
-all of them); the quick scope (``TCOPILOT_BENCH_SCOPE=quick``, what ``gpu_check.sh`` runs) keeps batch 1 with
-Copilots of 0 and 16 layers. CPU: a tiny Llama (hidden 64, 2 layers, V=2000), Copilots of 0 and 2 layers,
-batch 1, 16 tokens.
+all of them), and batch 1 with 4 beams (the paper's decoding; ``graph_reused`` is greedy only); the quick scope
+(``TCOPILOT_BENCH_SCOPE=quick``, what ``gpu_check.sh`` runs) keeps batch 1 with Copilots of 0 and 16 layers.
+CPU: a tiny Llama (hidden 64, 2 layers, V=2000), Copilots of 0 and 2 layers, batch 1, 16 tokens, greedy and 4
+beams.
 ``extra_info["ms_per_token"]`` is the call's time over its new tokens (prefill included).
 
 Before timing, each provider's tokens are checked once, untimed: ``graph`` against the same static loop run
@@ -37,6 +38,7 @@ from bench_e2e import COPILOT, CPU_CFG, GPU_CFG, PILOT, models
 from benchutil import ON_GPU, case, release, run_bench, set_group
 
 from tcopilot import GraphDecoder, TransformerCopilot
+from tcopilot.beam_search import beam_search
 from tcopilot.generate import generate
 from tcopilot.graph_decode import graph_decode
 
@@ -46,10 +48,15 @@ class Loop:
     batch: int
     prompt: int
     new_tokens: int
+    beams: int = 1  # > 1: beam search (the paper decodes with 4 beams)
+
+    @property
+    def mode(self) -> str:
+        return "greedy" if self.beams == 1 else f"beam{self.beams}"
 
 
-CPU_LOOPS = [Loop(1, 16, 16)]
-GPU_LOOPS = [Loop(1, 128, 32), Loop(16, 128, 32)]
+CPU_LOOPS = [Loop(1, 16, 16), Loop(1, 16, 16, beams=4)]
+GPU_LOOPS = [Loop(1, 128, 32), Loop(1, 128, 32, beams=4), Loop(16, 128, 32)]
 LAYERS = {False: [0, 2], True: [0, 4, 16]}
 PROVIDERS = {False: ["eager", "static"], True: ["eager", "graph", "graph_reused"]}
 
@@ -60,7 +67,9 @@ def _cases():
         for layers in LAYERS[gpu]:  # outer: one Copilot in memory at a time
             for loop in loops:
                 for provider in PROVIDERS[gpu]:
-                    cid = f"{cfg.name}-copilot{layers}-B{loop.batch}-{provider}"
+                    if provider == "graph_reused" and loop.beams > 1:
+                        continue  # GraphDecoder decodes with num_beams=1
+                    cid = f"{cfg.name}-copilot{layers}-B{loop.batch}-{loop.mode}-{provider}"
                     # quick scope (gpu_check.sh): batch 1, the Pilot alone and the paper's 1B + 1B pair
                     full = gpu and (loop.batch != 1 or layers not in (0, 16))
                     out.append(case((cfg, layers, loop, provider), id=cid, gpu=gpu, full=full))
@@ -74,6 +83,9 @@ def _prompt(cfg, loop: Loop, device) -> torch.Tensor:
 
 def _static_eager(model, ids, loop: Loop, lam: float) -> torch.Tensor:
     mask = torch.ones_like(ids)
+    if loop.beams > 1:
+        return beam_search(model, ids, mask, num_beams=loop.beams, max_new_tokens=loop.new_tokens, lam=lam,
+                           fusion="probs", eos_token_ids=[], pad_token_id=0, static=True, capture=False)
     return graph_decode(model, ids, mask, loop.new_tokens, lam, "probs", 0.0, 0, 1.0, (None, None), "auto", [], 0,
                         use_copilot=lam != 0, capture=False)  # fmt: skip
 
@@ -93,7 +105,8 @@ def test_generate_loop(benchmark, cfg, layers: int, loop: Loop, provider: str):
     model = TransformerCopilot(pilot, cop).eval()
     ids = _prompt(cfg, loop, pilot.device)
     lam = 1.0 if cop is not None else 0.0
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=loop.new_tokens, lam=lam, temperature=0.0)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=loop.new_tokens, lam=lam, temperature=0.0,
+              num_beams=loop.beams)  # fmt: skip
 
     decoder = None
     if provider == "graph_reused":
@@ -117,7 +130,7 @@ def test_generate_loop(benchmark, cfg, layers: int, loop: Loop, provider: str):
     del got, want
 
     shape = f"{cfg.name} B{loop.batch} prompt{loop.prompt} new{loop.new_tokens} copilot={layers}L"
-    set_group(benchmark, "generate", shape, cfg.dtype, "greedy", provider, copilot_layers=layers, model=cfg.name,
+    set_group(benchmark, "generate", shape, cfg.dtype, loop.mode, provider, copilot_layers=layers, model=cfg.name,
               new_tokens=loop.new_tokens)  # fmt: skip
     rounds, warmup = (3, 1) if ON_GPU else (3, 0)
     run_bench(benchmark, fn, rounds=rounds, warmup=warmup)

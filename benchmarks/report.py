@@ -301,30 +301,32 @@ def coupling_section(e2e: list[dict]) -> list[str]:
 
 
 def generate_section(rows: list[dict]) -> list[str]:
-    """Per (batch, Copilot layers): ms per new token of each decoding way, and the overhead over the Pilot alone
-    decoded the same way (the paper's inference overhead, Table 15)."""
+    """Per (batch, decoding mode, Copilot layers): ms per new token of each decoding way, and the overhead over the
+    Pilot alone decoded the same way (the paper's inference overhead, Table 15)."""
     gen = [r for r in rows if r["op"] == "generate" and r.get("median")]
     if not gen:
         return []
     per_token = {}
     for r in gen:
         batch = r["shape"].split(" B")[1].split(" ")[0] if " B" in r["shape"] else "?"
-        per_token[(batch, r.get("copilot_layers", 0), r["provider"])] = r["median"] * 1e3 / r.get("new_tokens", 1)
-    ways = [p for p in PROVIDER_ORDER if any(k[2] == p for k in per_token)]
+        key = (batch, r.get("mode", "greedy"), r.get("copilot_layers", 0), r["provider"])
+        per_token[key] = r["median"] * 1e3 / r.get("new_tokens", 1)
+    ways = [p for p in PROVIDER_ORDER if any(k[3] == p for k in per_token)]
     graph_ways = [w for w in ("graph", "graph_reused") if w in ways] or ["graph"]
     body = []
-    for batch, layers in sorted({k[:2] for k in per_token}, key=lambda k: (int(k[0]) if k[0].isdigit() else 0, k[1])):
-        cells = [batch, str(layers)]
+    order = sorted({k[:3] for k in per_token}, key=lambda k: (int(k[0]) if k[0].isdigit() else 0, k[1], k[2]))
+    for batch, mode, layers in order:
+        cells = [batch, mode, str(layers)]
         for way in ways:
-            t, alone = per_token.get((batch, layers, way)), per_token.get((batch, 0, way))
+            t, alone = per_token.get((batch, mode, layers, way)), per_token.get((batch, mode, 0, way))
             over = f" ({100 * (t / alone - 1):+.1f}%)" if t and alone and layers else ""
             cells.append("-" if t is None else f"{t:.2f}{over}")
-        eager = per_token.get((batch, layers, "eager"))
+        eager = per_token.get((batch, mode, layers, "eager"))
         for way in graph_ways:
-            graph = per_token.get((batch, layers, way))
+            graph = per_token.get((batch, mode, layers, way))
             cells.append(f"{eager / graph:.2f}x" if eager and graph else "-")
         body.append(cells)
-    header = ["batch", "copilot layers"] + [f"{w} ms/token (overhead)" for w in ways] + \
+    header = ["batch", "mode", "copilot layers"] + [f"{w} ms/token (overhead)" for w in ways] + \
         [f"eager / {w.replace('_', ' ')}" for w in graph_ways]
     return ["## Decoding loops (generate)", "",
             "A whole `generate` call (prefill and, for `graph`, the capture included; `graph_reused`: a "

@@ -43,16 +43,22 @@ def test_decoding_loop_table_gives_ms_per_token_and_the_overhead_over_the_pilot_
         _row("generate", "graph", 0.32, 16, mode="greedy", shape=shape, new_tokens=32),
     ]
     text = "\n".join(report.generate_section(rows))
-    assert "| batch | copilot layers | eager ms/token (overhead) | graph ms/token (overhead) | eager / graph |" in text
-    assert "| 1 | 0 | 20.00 | 5.00 | 4.00x |" in text
-    assert "| 1 | 16 | 40.00 (+100.0%) | 10.00 (+100.0%) | 4.00x |" in text
+    assert ("| batch | mode | copilot layers | eager ms/token (overhead) | graph ms/token (overhead) | eager / graph |"
+            in text)  # fmt: skip
+    assert "| 1 | greedy | 0 | 20.00 | 5.00 | 4.00x |" in text
+    assert "| 1 | greedy | 16 | 40.00 (+100.0%) | 10.00 (+100.0%) | 4.00x |" in text
     # a GraphDecoder's reused graph: its own column and ratio
     rows += [_row("generate", "graph_reused", 0.08, 0, mode="greedy", shape=shape, new_tokens=32),
              _row("generate", "graph_reused", 0.16, 16, mode="greedy", shape=shape, new_tokens=32)]  # fmt: skip
     text = "\n".join(report.generate_section(rows))
     assert ("| graph ms/token (overhead) | graph_reused ms/token (overhead) | eager / graph | eager / graph reused |"
             in text)  # fmt: skip
-    assert "| 1 | 16 | 40.00 (+100.0%) | 10.00 (+100.0%) | 5.00 (+100.0%) | 4.00x | 8.00x |" in text
+    assert "| 1 | greedy | 16 | 40.00 (+100.0%) | 10.00 (+100.0%) | 5.00 (+100.0%) | 4.00x | 8.00x |" in text
+    # beam search rows apart from the greedy ones, with their own Pilot-alone baseline
+    rows += [_row("generate", "eager", 2.56, 0, mode="beam4", shape=shape, new_tokens=32),
+             _row("generate", "eager", 3.84, 16, mode="beam4", shape=shape, new_tokens=32)]  # fmt: skip
+    text = "\n".join(report.generate_section(rows))
+    assert "| 1 | beam4 | 16 | 120.00 (+50.0%) | - | - | - | - |" in text
 
 
 def test_the_eager_provider_is_the_baseline_where_a_group_has_no_naive_one():
