@@ -130,8 +130,8 @@ def test_generate_loop(benchmark, cfg, layers: int, loop: Loop, provider: str):
     del got, want
 
     shape = f"{cfg.name} B{loop.batch} prompt{loop.prompt} new{loop.new_tokens} copilot={layers}L"
-    set_group(benchmark, "generate", shape, cfg.dtype, loop.mode, provider, copilot_layers=layers, model=cfg.name,
-              new_tokens=loop.new_tokens)  # fmt: skip
+    set_group(benchmark, "generate", shape, cfg.dtype, loop.mode, provider, copilot_layers=layers, batch=loop.batch,
+              model=cfg.name, new_tokens=loop.new_tokens)  # fmt: skip
     rounds, warmup = (3, 1) if ON_GPU else (3, 0)
     run_bench(benchmark, fn, rounds=rounds, warmup=warmup)
     stats = benchmark.stats.stats if benchmark.stats is not None else None

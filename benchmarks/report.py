@@ -300,6 +300,11 @@ def coupling_section(e2e: list[dict]) -> list[str]:
             ""] + table(header, body) + [""]
 
 
+def _batch_from_shape(shape: str) -> str:
+    """The ``B<n>`` of a shape text (results written before the benchmarks recorded ``batch`` on their own)."""
+    return shape.split(" B")[1].split(" ")[0] if " B" in shape else "?"
+
+
 def generate_section(rows: list[dict]) -> list[str]:
     """Per (batch, decoding mode, Copilot layers): ms per new token of each decoding way, and the overhead over the
     Pilot alone decoded the same way (the paper's inference overhead, Table 15)."""
@@ -308,7 +313,7 @@ def generate_section(rows: list[dict]) -> list[str]:
         return []
     per_token = {}
     for r in gen:
-        batch = r["shape"].split(" B")[1].split(" ")[0] if " B" in r["shape"] else "?"
+        batch = str(r["batch"]) if r.get("batch") is not None else _batch_from_shape(r["shape"])
         key = (batch, r.get("mode", "greedy"), r.get("copilot_layers", 0), r["provider"])
         per_token[key] = r["median"] * 1e3 / r.get("new_tokens", 1)
     ways = [p for p in PROVIDER_ORDER if any(k[3] == p for k in per_token)]

@@ -59,6 +59,10 @@ def test_decoding_loop_table_gives_ms_per_token_and_the_overhead_over_the_pilot_
              _row("generate", "eager", 3.84, 16, mode="beam4", shape=shape, new_tokens=32)]  # fmt: skip
     text = "\n".join(report.generate_section(rows))
     assert "| 1 | beam4 | 16 | 120.00 (+50.0%) | - | - | - | - |" in text
+    # the batch a benchmark records wins over the shape text
+    text = "\n".join(report.generate_section([_row("generate", "eager", 0.64, 0, mode="greedy", shape="llama new32",
+                                                    new_tokens=32, batch=16)]))  # fmt: skip
+    assert "| 16 | greedy | 0 | 20.00 |" in text
 
 
 def test_the_eager_provider_is_the_baseline_where_a_group_has_no_naive_one():
