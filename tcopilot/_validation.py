@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,6 +85,33 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index
         return
     lo, hi = label_extrema(labels, ignore_index).tolist()
     check_label_extrema(name, lo, hi, num_classes, ignore_index)
+
+
+# One-element tensors whose value :func:`scalar_as_int64` packs exactly into an int64 (an integer, or the bits of a
+# float64), so that it travels with other int64 values in one host read.
+_PACKED_INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def scalar_as_int64(t: torch.Tensor) -> torch.Tensor | None:
+    """``[1]`` int64 tensor on ``t``'s device that holds the value of the one-element tensor ``t`` exactly (an integer
+    as itself, a float as the bits of its float64 value), no host read; ``None`` for other tensors (several elements,
+    bool, complex, wide unsigned). :func:`int64_as_scalar` turns the value read back into what ``t.item()`` gives,
+    so a caller can read ``t`` together with other int64 values (one ``torch.cat(...).tolist()``)."""
+    if t.numel() != 1:
+        return None
+    if t.dtype in _PACKED_INTS:
+        return t.reshape(1).long()
+    if t.dtype in FLOAT_DTYPES:
+        return t.reshape(1).double().view(torch.int64)
+    return None
+
+
+def int64_as_scalar(value: int, dtype: torch.dtype) -> int | float:
+    """The Python number ``t.item()`` gives for a tensor ``t`` of ``dtype``, from the host value of
+    :func:`scalar_as_int64` ``(t)``."""
+    if dtype in FLOAT_DTYPES:
+        return struct.unpack("<d", struct.pack("<q", value))[0]
+    return value
 
 
 def check_finite(name: str, value: float) -> float:

@@ -158,20 +158,28 @@ class LogEntry:
         """``[B*L]`` bool: rows with a label (the rows of ``lse``, ``topk_*``)."""
         return self.targets.reshape(-1) != ignore_index
 
+    def counted_rows(self, ignore_index: int = -100) -> torch.Tensor:
+        """``[Nc]`` int64 indices of the counted rows in ``[B*L]``, ascending. Their number is the length of
+        ``lse``, so no host read is needed (``torch.nonzero_static``): an entry on an accelerator is used
+        without a synchronisation."""
+        return torch.nonzero_static(self.counted(ignore_index), size=self.lse.shape[0]).squeeze(1)
+
     def pooled_states(self, dtype=torch.float32) -> torch.Tensor:
-        """``[B, L, d]`` dequantised pooled states, zeros at padding."""
+        """``[B, L, d]`` dequantised pooled states, zeros at padding (no host read)."""
         if self.pooled is None:
             raise ValueError("entry: this log stores no pooled states (pooled_dtype=None)")
         b, length = self.input_ids.shape
         rows = dequantise_rows(self.pooled, self.pooled_scale)
         out = torch.zeros(b * length, rows.shape[1], dtype=torch.float32, device=rows.device)
-        out[self.attention_mask.reshape(-1)] = rows
+        real = torch.nonzero_static(self.attention_mask.reshape(-1), size=rows.shape[0]).squeeze(1)
+        out.index_copy_(0, real, rows)
         return out.view(b, length, -1).to(dtype)
 
     def sparse_errors(self, ignore_index: int = -100):
-        """``(counted [B*L] bool, ids [Nc, K+1], coef [Nc, K+1], ell_sq [Nc])``; see :func:`sparse_errors`."""
+        """``(counted [B*L] bool, ids [Nc, K+1], coef [Nc, K+1], ell_sq [Nc])``; see :func:`sparse_errors`.
+        No host read."""
         counted = self.counted(ignore_index)
-        y = self.targets.reshape(-1)[counted]
+        y = self.targets.reshape(-1).index_select(0, self.counted_rows(ignore_index))
         return (counted, *sparse_errors(y, self.topk_ids, self.topk_logp))
 
     def residual_mass(self) -> torch.Tensor:
@@ -204,7 +212,10 @@ class MistakeLog:
     The buffer is CPU-resident. On CUDA, pushing queues asynchronous copies into pinned memory and records
     an event; anything that reads an entry on the host waits for that event, and :meth:`sample` copies back
     asynchronously (stream-ordered after the device -> host copy). The summary is accumulated on the device
-    and folded into host counters lazily (:meth:`flush`), so a push never synchronises.
+    and folded into host counters lazily (:meth:`flush`: one device -> host copy of everything pending), so a
+    push synchronises only to read its entry's sizes (counted and real rows), and not at all when given them
+    (``counts=``, as :class:`~tcopilot.TransformerCopilot` does). An entry on the device is read without a
+    synchronisation too: its rows are placed by indices sized from its shapes (:meth:`LogEntry.counted_rows`).
     """
 
     def __init__(self, capacity: int = 128, max_bytes: int = 1 << 30, topk: int = 32,
@@ -278,8 +289,15 @@ class MistakeLog:
     @torch.no_grad()
     def push(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, targets: torch.Tensor,
              capture, pooled: torch.Tensor | None = None, step: int | None = None,
-             vocab_size: int | None = None, ignore_index: int | None = None) -> bool:
+             vocab_size: int | None = None, ignore_index: int | None = None,
+             counts: tuple[int, int] | None = None) -> bool:
         """Compress one Pilot forward into an entry and append it (evicting the oldest as needed).
+
+        The entry's sizes (counted and real rows) depend on the values: a push reads them from the device in one
+        host read (one synchronisation on an accelerator), or not at all when the caller passes ``counts``
+        (:class:`~tcopilot.TransformerCopilot` reads them with its input check). The rows are then gathered
+        with fixed-size indices (``torch.nonzero_static``) and everything else stays on the device or travels in
+        asynchronous copies (see the class docstring).
 
         Args:
             input_ids, attention_mask: ``[B, L]`` the Pilot's inputs (mask ``None`` = all real).
@@ -291,6 +309,10 @@ class MistakeLog:
             vocab_size: V, for the per-token summary (default: one past the largest id seen).
             ignore_index: the label of uncounted positions in ``targets`` (default this log's; stored
                 targets always use this log's ``ignore_index``).
+            counts: ``(counted rows, real rows)`` when the caller has read them already: the number of
+                ``targets`` other than ``ignore_index`` (after relabelling to this log's) and of non-zero
+                ``attention_mask`` entries. Not checked (that would be the read it saves): wrong counts store
+                wrong rows.
 
         Returns:
             ``True`` when stored; ``False`` when the entry alone exceeds ``max_bytes`` (``dropped``).
@@ -318,17 +340,23 @@ class MistakeLog:
             raise ValueError(f"pooled: expected [B, L, d] pooled states (pooled_dtype={self.pooled_dtype!r})")
         if step is None:
             step = self.next_step if self.next_step is not None else (self._last_step() + 1)
-        lse = capture.lse.detach()[counted].float()
-        ids = capture.topk_ids.detach()[counted, :k]
-        logp = capture.topk_logits.detach()[counted, :k].float() - lse[:, None]
-        p_t = capture.p_target.detach()[counted].float()
-        sq = capture.p_sq_sum.detach()[counted].float()
+        if counts is None:
+            counts = torch.stack([counted.sum(), mask.sum()]).tolist()  # the one host read of a push
+        n_counted, n_real = counts
+        # Row indices of a known size: no host read (a boolean mask index would read its size back each time).
+        rows_c = torch.nonzero_static(counted, size=n_counted).squeeze(1)
+        lse = capture.lse.detach().index_select(0, rows_c).float()
+        ids = capture.topk_ids.detach()[:, :k].index_select(0, rows_c)
+        logp = capture.topk_logits.detach()[:, :k].index_select(0, rows_c).float() - lse[:, None]
+        p_t = capture.p_target.detach().index_select(0, rows_c).float()
+        sq = capture.p_sq_sum.detach().index_select(0, rows_c).float()
         q = scale = None
         if self.pooled_dtype is not None:
-            rows = pooled.detach().reshape(b * length, -1)[mask.reshape(-1)]
-            q, scale = quantise_rows(rows, self.pooled_dtype)
+            rows_r = torch.nonzero_static(mask.reshape(-1), size=n_real).squeeze(1)
+            q, scale = quantise_rows(pooled.detach().reshape(b * length, -1).index_select(0, rows_r),
+                                     self.pooled_dtype)
 
-        self._summarise(int(step), flat_t[counted], p_t, sq, lse, ids, logp, vocab_size)
+        self._summarise(int(step), flat_t.index_select(0, rows_c), p_t, sq, lse, ids, logp, vocab_size)
 
         entry = LogEntry(
             step=int(step),
@@ -382,27 +410,54 @@ class MistakeLog:
 
     # ------------------------------------------------------------------ summary
     def _summarise(self, step, y, p_t, sq, lse, ids, logp, vocab_size) -> None:
+        """Queue one push's statistics, on the device (no host read); :meth:`flush` folds them in. The top-1
+        predictions stay whole: the confusions (top-1 != label) are picked on the host, in :meth:`flush`."""
         err = 1.0 - p_t
-        top1 = ids[:, 0].long() if ids.shape[1] else torch.full_like(y, -1)
-        wrong = top1 != y
+        # contiguous: a copy of the column, not a view that would keep the whole [Nc, K] ids alive until the flush
+        top1 = ids[:, 0].long().contiguous() if ids.shape[1] else torch.full_like(y, -1, dtype=torch.long)
         self._pending.append({
             "step": step,
             "vocab": vocab_size,
             "stats": torch.stack([
-                torch.tensor(float(y.numel()), device=err.device),
+                # filled on the device (torch.tensor would copy a host value over, which waits for the device)
+                torch.full((), float(y.numel()), dtype=torch.get_default_dtype(), device=err.device),
                 err.sum(), (1.0 - 2.0 * p_t + sq).sum(),
                 -torch.log(p_t.clamp(min=1e-38)).sum(),
                 (1.0 - torch.exp(logp).sum(dim=1)).clamp(min=0).sum(),
             ]).double(),
-            "y": y.long(), "err": err.double(), "pairs": torch.stack([y[wrong].long(), top1[wrong]], dim=1),
+            "y": y.long(), "err": err.double(), "top1": top1,
         })
         if len(self._pending) >= 64:
             self.flush()
 
+    @staticmethod
+    def _pending_on_host(pending: list[dict]) -> list[tuple[torch.Tensor, ...]]:
+        """``(y, top1, err, stats)`` CPU tensors of each pending push, copied in one device -> host transfer per
+        device: everything packed into one int64 tensor (the float64 values as their bits), split on the host."""
+        out: list = [None] * len(pending)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(pending):
+            by_device.setdefault(p["y"].device, []).append(i)
+        for members in by_device.values():
+            parts = []
+            for i in members:
+                p = pending[i]
+                parts += [p["y"], p["top1"], p["err"].view(torch.int64), p["stats"].view(torch.int64)]
+            flat = torch.cat(parts).cpu()
+            start = 0
+            for i in members:
+                n = pending[i]["y"].shape[0]
+                y, top1, err, stats = flat[start : start + 3 * n + 5].split([n, n, n, 5])
+                out[i] = (y, top1, err.view(torch.float64), stats.view(torch.float64))
+                start += 3 * n + 5
+        return out
+
     def flush(self) -> None:
-        """Fold pending per-push statistics into the host-side summary (one device sync on CUDA)."""
-        for p in self._pending:
-            y, err, pairs = p["y"].cpu(), p["err"].cpu(), p["pairs"].cpu()
+        """Fold pending per-push statistics into the host-side summary (one device -> host copy, a synchronisation
+        on CUDA)."""
+        for p, (y, top1, err, stats) in zip(self._pending, self._pending_on_host(self._pending)):
+            wrong = top1 != y
+            pairs = torch.stack([y[wrong], top1[wrong]], dim=1)
             vocab = max(self.vocab_size, p["vocab"] or 0, int(y.max()) + 1 if y.numel() else 0,
                         int(pairs.max()) + 1 if pairs.numel() else 0)
             if vocab > self.vocab_size:
@@ -418,7 +473,7 @@ class MistakeLog:
                 for key, c in zip(uniq.tolist(), cnt.tolist()):
                     ab = divmod(key, vocab)
                     conf[ab] = conf.get(ab, 0) + c
-            stats = p["stats"].cpu().tolist()
+            stats = stats.tolist()
             row = self.history.setdefault(p["step"], [0.0] * (len(HISTORY_COLUMNS) - 1))
             for i, v in enumerate(stats):
                 row[i] += v

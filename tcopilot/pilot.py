@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tcopilot._validation import IMPLS, check_choice, check_int, check_label_extrema, label_extrema
+from tcopilot._validation import (
+    IMPLS,
+    check_choice,
+    check_int,
+    check_label_extrema,
+    int64_as_scalar,
+    label_extrema,
+    scalar_as_int64,
+)
 from tcopilot.copilot import Copilot
 from tcopilot.kernels.copilot_error_loss import copilot_error_loss
 from tcopilot.kernels.logit_capture import logit_capture
@@ -394,7 +402,10 @@ class TransformerCopilot(nn.Module):
     ``forward`` checks the shapes, dtypes and devices of its tensors, that the ids are inside the Pilot's input
     embedding and that the labels that count are inside its LM head (or ``ignore_index``): both ranges in one
     host read (on an accelerator, one synchronisation per forward), after which the fused ops are told not to check
-    the labels again (``check_labels=False``). While ``torch.compile`` traces, the ids are left to the embedding's
+    the labels again (``check_labels=False``). The same read takes the value of a tensor ``num_items_in_batch`` (on
+    the ids' device; :func:`tcopilot.logit_capture` then checks that number) and, when a Mistake Log records (with
+    the forward's ``ignore_index``), the number of rows its entry keeps, which :meth:`MistakeLog.push` is given
+    (``counts=``) so that it reads nothing. While ``torch.compile`` traces, the ids are left to the embedding's
     own index check and the labels to the capture op, which checks them when it runs. The output's ``num_tokens``
     is read from the device only when accessed (:class:`CopilotOutput`).
 
@@ -456,15 +467,38 @@ class TransformerCopilot(nn.Module):
         return pilot_logit_scale(self.pilot.config)
 
     def forward(self, input_ids, attention_mask=None, labels=None, ignore_index: int = IGNORE_INDEX,
-                num_items_in_batch: int | None = None) -> CopilotOutput:
+                num_items_in_batch: int | float | torch.Tensor | None = None) -> CopilotOutput:
         self._check_inputs(input_ids, attention_mask, labels)
         ignore_index = check_int("ignore_index", ignore_index, what="an int (in int64 range)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, ignore_index)
+        log = self.mistake_log
+        record = log is not None and self.training and torch.is_grad_enabled()
+        # Read with the range check, in its one host read: a tensor num_items_in_batch (checked by logit_capture as
+        # the number read here; the same denominator) and, when recording, the rows the Mistake Log keeps (so that
+        # push reads nothing). Nothing is read while torch.compile traces (_check_values returns None).
+        extra, items_packed, counts_packed = [], None, False
+        compiling = torch.compiler.is_compiling()
+        items = num_items_in_batch
+        if not compiling and isinstance(items, torch.Tensor) and items.device == input_ids.device:
+            items_packed = scalar_as_int64(items)
+            if items_packed is not None:
+                extra.append(items_packed)
+        if not compiling and record and log.ignore_index == ignore_index:
+            # push's rows: counted = shift_labels(labels) != ignore_index (labels[:, 1:]), real = attention_mask != 0
+            extra.append(torch.stack([(labels[:, 1:] != ignore_index).sum(), (attention_mask != 0).sum()]))
+            counts_packed = True
+        read = self._check_values(input_ids, labels, ignore_index, extra)
         # the fused ops need not check the labels again (each check would be another host synchronisation)
-        labels_checked = self._check_values(input_ids, labels, ignore_index)
+        labels_checked = read is not None
+        log_counts = None
+        if read is not None:
+            if items_packed is not None:
+                num_items_in_batch = int64_as_scalar(read.pop(0), items.dtype)
+            if counts_packed:
+                log_counts = (read[0], read[1])
         bsz, length = input_ids.shape
         _check_gathered(self)
         pos = positions_from_mask(attention_mask)
@@ -473,8 +507,6 @@ class TransformerCopilot(nn.Module):
         lm_head = self.pilot.get_output_embeddings()
         target = shift_labels(labels, ignore_index)
         flat_target = target.reshape(-1)
-        log = self.mistake_log
-        record = log is not None and self.training and torch.is_grad_enabled()
         replaying = record and self.log_mode == "replay" and self.copilot is not None
         vocab = lm_head.weight.shape[0]
         values = self.copilot.capture_values() if self.copilot is not None and not replaying else None
@@ -494,7 +526,7 @@ class TransformerCopilot(nn.Module):
         )
         if record:
             log.push(input_ids=input_ids, attention_mask=attention_mask, targets=flat_target, capture=cap,
-                     pooled=states.pooled, vocab_size=vocab, ignore_index=ignore_index)
+                     pooled=states.pooled, vocab_size=vocab, ignore_index=ignore_index, counts=log_counts)
         counted = flat_target != ignore_index
         n_tok = counted.sum()  # stays on the device: CopilotOutput.num_tokens reads it when asked
         if self.copilot is None:
@@ -550,29 +582,33 @@ class TransformerCopilot(nn.Module):
         if labels is not None and labels.dtype not in ID_DTYPES:
             raise ValueError(f"labels: expected token ids of dtype int64 or int32, got {_dtype_name(labels)}")
 
-    def _check_values(self, input_ids, labels, ignore_index: int) -> bool:
+    def _check_values(self, input_ids, labels, ignore_index: int, extra: list[torch.Tensor] = ()) -> list[int] | None:
         """The ids in the Pilot's input embedding (:func:`check_token_ids`) and the labels that count in its LM head
-        (``check_labels``), with one host read for both (one synchronisation on an accelerator).
+        (``check_labels``), with one host read for both (one synchronisation on an accelerator), which also reads
+        ``extra`` (1-d int64 tensors on the ids' device) for the caller.
 
-        Only ``labels[:, 1:]`` is read: :func:`shift_labels` drops the first column. Returns whether the labels
-        were checked: not while ``torch.compile`` traces (a host read would break the graph; the capture op then
-        checks them when it runs, and the ids are left to the embedding's own index check).
+        Only ``labels[:, 1:]`` is read: :func:`shift_labels` drops the first column. Returns the host values of
+        ``extra`` (one list) once the checks pass, or ``None`` when nothing was read or checked: while
+        ``torch.compile`` traces (a host read would break the graph; the capture op then checks the labels when it
+        runs, and the ids are left to the embedding's own index check).
         """
         if torch.compiler.is_compiling():
-            return False
+            return None
         id_vocab = input_vocab_size(self.pilot)
         counted = labels[:, 1:]
         parts = [] if id_vocab is None else [token_id_extrema(input_ids)]
         if counted.numel() > 0:
             parts.append(label_extrema(counted, ignore_index))
+        parts.extend(extra)
         values = torch.cat(parts).tolist() if parts else []
         if id_vocab is not None:
             check_token_id_extrema(values[0], values[1], id_vocab)
             values = values[2:]
-        if values:
+        if counted.numel() > 0:
             vocab = self.pilot.get_output_embeddings().weight.shape[0]
             check_label_extrema("labels", values[0], values[1], vocab, ignore_index)
-        return True
+            values = values[2:]
+        return values
 
     def generate(self, input_ids, max_new_tokens=None, lam: float = 1.0, fusion: str = "probs", **kwargs):
         """Algorithm 2: see :func:`tcopilot.generate.generate` for every option (``GenerationConfig`` names;

@@ -62,14 +62,15 @@ def sparse_error_embedding(copilot, counted: torch.Tensor, ids: torch.Tensor,
                            coef: torch.Tensor) -> torch.Tensor:
     """``error_in(ell^)`` for every row ([N, c] fp32, fp64 for fp64 weights): ``sum_m coef_m A[:, ids_m] + a``
     on counted rows, ``a`` elsewhere (the online :func:`tcopilot.pilot.error_embedding` with the sparse
-    error)."""
+    error). ``counted``: the ``[N]`` bool mask of the rows of ``ids`` / ``coef``, which hold one row per ``True``
+    in order; their number sizes the row indices (``torch.nonzero_static``), so nothing is read on the host."""
     a_w, a_b = copilot.error_in.weight, copilot.error_in.bias  # [c, V], [c]
     cd = torch.float64 if a_w.dtype == torch.float64 else torch.float32
     n, c = counted.shape[0], a_w.shape[0]
     out = torch.zeros(n, c, dtype=cd, device=a_w.device)
     if ids.shape[0]:
         e = F.embedding_bag(ids, a_w.t().to(cd), per_sample_weights=coef.to(cd), mode="sum")
-        out = out.index_copy(0, counted.nonzero().squeeze(1), e)
+        out = out.index_copy(0, torch.nonzero_static(counted, size=ids.shape[0]).squeeze(1), e)
     return out + a_b.to(cd)
 
 
@@ -109,14 +110,15 @@ def replay_copilot_loss(model, entry: LogEntry, ignore_index: int = IGNORE_INDEX
     pos = positions_from_mask(mask)
     x_tilde = pilot_input_states(pilot, input_ids, mask)
     pooled = entry.pooled_states(x_tilde.dtype)
-    counted, ids, coef, ell_sq = entry.sparse_errors(ignore_index)
+    counted, ids, coef, ell_sq = entry.sparse_errors(ignore_index)  # no host read (sizes from the entry's shapes)
     emb = sparse_error_embedding(cop, counted, ids, coef).view(bsz, length, c)
     start = cop.error_in.bias.to(emb.dtype).expand(bsz, 1, c)
     stream = torch.cat([start, emb[:, :-1]], dim=1)
     log_states = torch.cat([x_tilde, pooled], dim=1)
     pos = pos.to(torch.int32)  # < L: int32 spares every attention call the int64 rebase (as pilot.py)
     g = cop(stream.to(cop.error_in.weight.dtype), log_states, pos, torch.cat([pos, pos], dim=1))
-    g_counted = g.reshape(bsz * length, c)[counted]
+    # index_select, not g[counted]: a boolean index reads its size back (forward) and so does its backward
+    g_counted = g.reshape(bsz * length, c).index_select(0, entry.counted_rows(ignore_index))
     return sparse_error_loss(g_counted, cop.error_out.weight, cop.error_out.bias, ids, coef, ell_sq)
 
 

@@ -45,7 +45,8 @@ moving the model to ``cuda:LOCAL_RANK``). What each piece means with ``W`` ranks
 - **Logs**: ``pilot_loss`` is the all-reduced sum of the ranks' shares (the global token mean),
   ``copilot_loss`` the all-reduced mean of the ranks' values, ``tokens`` the global count; gradient norms are
   those of the full gradients (DDP: replicated after the all-reduce; FSDP2: DTensor norms, reduced), so per-model
-  clipping acts as in one process. Only rank 0 writes ``config.json``, ``metrics.jsonl``, checkpoints and the
+  clipping acts as in one process. The logged values are read (and all-reduced) only at logging steps
+  (:meth:`Trainer.train`), on every rank. Only rank 0 writes ``config.json``, ``metrics.jsonl``, checkpoints and the
   progress bar; ``eval_fn`` runs on every rank (under FSDP2 its forwards are collectives), rank 0 logs it.
 - **Checkpoints** hold full, unsharded state in the single-process files (``pilot.safetensors``,
   ``copilot.safetensors``, ``optimizer.pt`` with index-keyed ``torch.optim`` state dicts), so a checkpoint
@@ -302,8 +303,13 @@ def fsdp2_shard(model, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def _float(t) -> float:
-    return float(t.full_tensor() if _is_dtensor(t) else t)
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (FSDP2's is a DTensor: its full value, a collective but no host read)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+# Where a pending record (Trainer._accumulate) puts the Mistake Log's statistics, read with the record.
+_LOG_STATS = "_log_stats"
 
 
 class Trainer:
@@ -515,22 +521,35 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     def accumulate_gradients(self) -> dict:
-        """Forward and backward every micro-batch of the current step; gradients are left in ``.grad``.
+        """Forward and backward every micro-batch of the current step; gradients are left in ``.grad``. Returns
+        the step's record (``step``, ``pilot_loss``, ``tokens``, ...), read from the device (see :meth:`train`).
 
         In several processes: this rank's contiguous slice of the global batch (module docstring); the
         gradients left are the averaged ones (DDP: after its all-reduce; FSDP2: the local shards)."""
+        return self._read_record(self._accumulate())
+
+    def _accumulate(self) -> dict:
+        """:meth:`accumulate_gradients` with the record left pending: its losses stay tensors on the device and
+        the Mistake Log's statistics unread, for :meth:`_read_record`. The host reads of the step are the
+        forwards' own (one each: the range check of the ids and labels) and two of host tensors (the batch's
+        indices and its token count, counted on the collated batch before it goes to the device)."""
         cfg, model = self.cfg, self.model
         self._net.train()
         idx = batch_indices(len(self.examples), cfg.batch_size, cfg.seed, self.step)
         batch = collate([self.examples[i] for i in idx], self.pad_token_id, padding_side=cfg.padding_side)
-        n_items = int((batch["labels"][:, 1:] != -100).sum())
+        n_items = int((batch["labels"][:, 1:] != -100).sum())  # a CPU tensor: no synchronisation
         world = self.world
         if world > 1:
             rows = cfg.batch_size // world
             batch = {k: v[self.rank * rows : (self.rank + 1) * rows] for k, v in batch.items()}
         micro = cfg.batch_size // (cfg.grad_accum * world)
-        # detached running sums, read once after the loop: no host sync between micro-batches
-        p_sum = torch.zeros((), dtype=torch.float64, device=self._device)
+        dev = self._device
+        # CUDA: pinned memory and asynchronous copies (a copy from pageable memory waits for the device)
+        copy_async = dev.type == "cuda"
+        if copy_async:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        # detached running sums, read with the record: no host sync between micro-batches
+        p_sum = torch.zeros((), dtype=torch.float64, device=dev)
         c_sum = torch.zeros_like(p_sum)
         log = self.mistake_log
         if log is not None:
@@ -540,9 +559,9 @@ class Trainer:
             # reduce gradients across ranks once, after the last micro-batch
             with self._gradient_sync(last_micro=k == cfg.grad_accum - 1):
                 out = self._net(
-                    batch["input_ids"][sl].to(self._device),
-                    attention_mask=batch["attention_mask"][sl].to(self._device),
-                    labels=batch["labels"][sl].to(self._device),
+                    batch["input_ids"][sl].to(dev, non_blocking=copy_async),
+                    attention_mask=batch["attention_mask"][sl].to(dev, non_blocking=copy_async),
+                    labels=batch["labels"][sl].to(dev, non_blocking=copy_async),
                     num_items_in_batch=max(1, n_items),
                 )
                 # world > 1: DDP / FSDP2 average gradients over ranks; undo it for the Pilot's token-sum share
@@ -552,15 +571,36 @@ class Trainer:
                     c_sum += out.copilot_loss.detach().double() / cfg.grad_accum
                 loss.backward()
             p_sum += out.pilot_loss.detach().double()
-        p_sum, c_sum = float(p_sum), float(c_sum)
-        stats = log.step_stats(self.step + 1) if log is not None else None
-        if world > 1:
-            p_sum, c_sum, stats = self._reduce_logs(p_sum, c_sum, stats, log is not None)
         rec = {"step": self.step + 1, "pilot_loss": p_sum, "tokens": n_items}
         if model.copilot is not None:
             rec["copilot_loss"] = c_sum
-        if stats is not None:
-            rec.update(error_mass=stats["err_mass"], topk_residual=stats["residual"], log_bytes=log.nbytes)
+        if log is not None:
+            rec[_LOG_STATS] = log.nbytes
+        return rec
+
+    def _read_record(self, pending: dict) -> dict:
+        """The record of a pending one (:meth:`_accumulate`, :meth:`_train_step`): its tensors read in one host
+        read, the Mistake Log's statistics of its step (``error_mass``, ``topk_residual``, ``log_bytes``; the log's
+        :meth:`~tcopilot.MistakeLog.step_stats`, which folds in its pending pushes: one more read) and, in several
+        processes, the logged values all-reduced (a collective: every rank reads the same records)."""
+        names = [k for k, v in pending.items() if isinstance(v, torch.Tensor)]
+        read = {}
+        if names:
+            dev = pending[names[0]].device
+            values = torch.stack([pending[k].detach().to(dev, torch.float64) for k in names]).tolist()
+            read = dict(zip(names, values))
+        p_sum, c_sum = read.get("pilot_loss", 0.0), read.get("copilot_loss", 0.0)
+        with_log = _LOG_STATS in pending
+        stats = self.mistake_log.step_stats(pending["step"]) if with_log and self.mistake_log is not None else None
+        if self.world > 1:
+            p_sum, c_sum, stats = self._reduce_logs(p_sum, c_sum, stats, with_log)
+            read.update(pilot_loss=p_sum, **({"copilot_loss": c_sum} if "copilot_loss" in read else {}))
+        rec = {}
+        for k, v in pending.items():
+            if k != _LOG_STATS:
+                rec[k] = read.get(k, v)
+            elif stats is not None:
+                rec.update(error_mass=stats["err_mass"], topk_residual=stats["residual"], log_bytes=v)
         return rec
 
     def _gradient_sync(self, last_micro: bool):
@@ -592,19 +632,27 @@ class Trainer:
         return t[0], t[1] / self.world, out_stats
 
     def train_step(self) -> dict:
+        """One optimisation step (micro-batches, per-model clipping, both optimisers); returns its record, read from
+        the device."""
+        return self._read_record(self._train_step())
+
+    def _train_step(self) -> dict:
+        """:meth:`train_step` with the record left pending (:meth:`_read_record`): gradient clipping and the
+        optimisers read no device value (AdamW's step counts are host tensors), so the step's only device reads are
+        its forwards'."""
         cfg, model = self.cfg, self.model
-        rec = self.accumulate_gradients()
+        rec = self._accumulate()
         gn_p = torch.nn.utils.clip_grad_norm_(model.pilot.parameters(), cfg.clip_pilot)
         self.opt_pilot.step()
         self.sched_pilot.step()
         self.opt_pilot.zero_grad(set_to_none=True)
-        rec.update(grad_norm_pilot=_float(gn_p), lr_pilot=self.sched_pilot.get_last_lr()[0])
+        rec.update(grad_norm_pilot=_full(gn_p), lr_pilot=self.sched_pilot.get_last_lr()[0])
         if model.copilot is not None:
             gn_c = torch.nn.utils.clip_grad_norm_(model.copilot.parameters(), cfg.clip_copilot)
             self.opt_copilot.step()
             self.sched_copilot.step()
             self.opt_copilot.zero_grad(set_to_none=True)
-            rec.update(grad_norm_copilot=_float(gn_c), lr_copilot=self.sched_copilot.get_last_lr()[0])
+            rec.update(grad_norm_copilot=_full(gn_c), lr_copilot=self.sched_copilot.get_last_lr()[0])
         self.step += 1
         return rec
 
@@ -613,8 +661,14 @@ class Trainer:
         return next(self.model.pilot.parameters()).device
 
     def train(self, stop_after: int | None = None) -> dict:
-        """Run until ``config.steps`` (or until ``stop_after`` steps of this call: used to test resuming).
-        In several processes every rank calls it (same arguments)."""
+        """Run until ``config.steps`` (or until ``stop_after`` steps of this call: used to test resuming); returns
+        the last step's record. In several processes every rank calls it (same arguments).
+
+        A step's record (losses, gradient norms, the Mistake Log's statistics) is read from the device only when
+        it is logged (every ``log_every`` steps and the last; the progress bar's losses are refreshed then too)
+        and for the returned record: between logging steps a step's only host reads are its forwards' (one per
+        micro-batch). ``step_times`` / ``step_time_s`` are host times: on an accelerator a step's work may
+        finish in a later step's time (their median stays the step time)."""
         cfg = self.cfg
         resumed = self.maybe_resume()
         if not resumed:
@@ -624,27 +678,32 @@ class Trainer:
                     json.dump({"train": asdict(cfg)}, fh, indent=2)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank != 0, desc="train",
                    dynamic_ncols=True)
-        done_here, last = 0, {}
+        done_here, last, last_read = 0, {}, True
         while self.step < cfg.steps and (stop_after is None or done_here < stop_after):
             t0 = time.perf_counter()
-            rec = self.train_step()
+            pending = self._train_step()
             dt = time.perf_counter() - t0
             self.step_times.append(dt)
-            rec["step_time_s"] = dt
+            pending["step_time_s"] = dt
             done_here += 1
-            post = {"P": f"{rec['pilot_loss']:.3f}"}
-            if "copilot_loss" in rec:
-                post["C"] = f"{rec['copilot_loss']:.4f}"
-            bar.set_postfix(post)
+            logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            rec = self._read_record(pending) if logged else pending
+            if logged:
+                post = {"P": f"{rec['pilot_loss']:.3f}"}
+                if "copilot_loss" in rec:
+                    post["C"] = f"{rec['copilot_loss']:.4f}"
+                bar.set_postfix(post)
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if logged:
                 self._log(rec)
             if self.eval_fn is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                 ev = self.eval_fn(self.model, self.step)
                 self._log({"step": self.step, **{f"eval/{k}": v for k, v in ev.items()}})
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save_checkpoint()
-            last = rec
+            last, last_read = rec, logged
+        if not last_read:
+            last = self._read_record(last)
         bar.close()
         if self.step >= cfg.steps:
             self.save_log()

@@ -287,3 +287,42 @@ def test_push_rejects_a_non_int_ignore_index():
                  ignore_index=-100.0)
     assert log.push(input_ids=torch.zeros(1, 4, dtype=torch.long), attention_mask=None, targets=y, capture=cap,
                     ignore_index=np.int64(-100))
+
+
+@pytest.mark.parametrize("pooled", ["float32", "int8"])
+@pytest.mark.parametrize("ignore_index", [-100, 3])  # 3: a push's own ignore_index, relabelled to the log's -100
+def test_push_stores_the_rows_a_boolean_mask_selects(gen, pooled, ignore_index):
+    """The rows are gathered with indices of a known size (no host read): the same values and summary as the
+    boolean-mask selection ``capture.lse[counted]``, ``pooled[mask]``, confusions ``(y, top1)[top1 != y]``."""
+    b, length, vocab, d, k = 3, 9, 12, 5, 4
+    ids = torch.randint(0, vocab, (b, length), generator=gen)
+    mask = (torch.rand(b, length, generator=gen) < 0.7).long()
+    y = torch.randint(0, vocab, (b * length,), generator=gen)
+    y[torch.rand(b * length, generator=gen) < 0.3] = ignore_index
+    cap = logit_capture(torch.randn(b * length, d, generator=gen), torch.randn(vocab, d, generator=gen), y,
+                        topk=k + 2, impl="torch", ignore_index=ignore_index)
+    states = torch.randn(b, length, d, generator=gen)
+    log = MistakeLog(topk=k, pooled_dtype=pooled)
+    log.push(input_ids=ids, attention_mask=mask, targets=y.int(), capture=cap, pooled=states, step=2,
+             vocab_size=vocab, ignore_index=ignore_index)
+    e = log[0]
+    counted = y != ignore_index
+    assert torch.equal(e.targets.reshape(-1), y.masked_fill(~counted, -100).int())
+    assert torch.equal(e.lse, cap.lse[counted]) and torch.equal(e.p_target, cap.p_target[counted])
+    assert torch.equal(e.topk_ids, cap.topk_ids[counted, :k].int())
+    assert torch.equal(e.topk_logp, cap.topk_logits[counted, :k] - cap.lse[counted][:, None])
+    q, scale = quantise_rows(states.reshape(b * length, d)[mask.reshape(-1) == 1], pooled)
+    assert torch.equal(e.pooled, q) and (scale is None or torch.equal(e.pooled_scale, scale))
+    placed = torch.zeros(b * length, d)
+    placed[mask.reshape(-1) == 1] = dequantise_rows(q, scale)
+    assert torch.equal(e.pooled_states(), placed.view(b, length, d))
+    assert torch.equal(e.sparse_errors()[1][:, 0], y[counted])  # the labels of the counted rows, in order
+    yc, top1 = y[counted], cap.topk_ids[counted, 0]
+    wrong = top1 != yc
+    want = {}
+    for a, p in zip(yc[wrong].tolist(), top1[wrong].tolist()):
+        want[(a, p)] = want.get((a, p), 0) + 1
+    stats = log.step_stats(2)
+    assert log.confusions == want and stats["tokens"] == int(counted.sum())
+    assert log.token_count.tolist() == torch.bincount(yc, minlength=vocab).tolist()
+    assert stats["err_mass"] == float((1 - cap.p_target[counted]).sum()) / int(counted.sum())  # same sums

@@ -18,7 +18,10 @@ The model is one :class:`tcopilot.TransformerCopilot` (an ``nn.Module`` holding 
   (``torch.nn.utils.clip_grad_norm_`` per model, after unscaling fp16 gradients once). The logged
   ``grad_norm`` is the norm of both together, before clipping; ``grad_norm_pilot`` / ``grad_norm_copilot``
   are logged too. Under DeepSpeed or FSDP1 (flat parameters) the stock joint clipping is used.
-- **Logs**: ``loss`` (= pilot + copilot), ``pilot_loss``, ``copilot_loss``, ``copilot_learning_rate``.
+- **Logs**: ``loss`` (= pilot + copilot), ``pilot_loss``, ``copilot_loss``, ``copilot_learning_rate``. They and the
+  per-model gradient norms stay on the device until a logging step reads them (one host read): between logging steps
+  the package reads the device only in the forwards (the count ``num_items_in_batch`` is read with their range
+  check). The stock Trainer's ``logging_nan_inf_filter`` (on by default) reads each micro-batch's loss itself.
 - **Checkpoints**: each ``checkpoint-N/`` holds the Pilot in ``save_pretrained`` form (safetensors; a PEFT
   Pilot saves its adapter) and the Copilot in ``checkpoint-N/copilot/`` (``Copilot.save_pretrained``),
   beside the stock optimizer, scheduler, RNG and trainer state. ``trainer.train(resume_from_checkpoint=...)``
@@ -226,7 +229,7 @@ class CopilotTrainer(Trainer):
         self._loss_shifts_labels = True
         self._tc_sums: dict[str, torch.Tensor] = {}
         self._tc_last_logged: int | None = None
-        self._tc_grad_norms: dict[str, float] = {}
+        self._tc_grad_norms: dict[str, torch.Tensor] = {}  # the last clipping's norms, read when logged
         self._tc_copilot_lr: float | None = None
         self._tc_copilot_groups: list[int] = []
 
@@ -348,20 +351,30 @@ class CopilotTrainer(Trainer):
             limit = max_norm if max_norm is not None and max_norm > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(params, limit)
             norms[name] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self._tc_grad_norms = {k: float(v) for k, v in norms.items()}
+        self._tc_grad_norms = norms  # read in log(): no host read between logging steps
         return torch.sqrt(norms["pilot"].float() ** 2 + norms["copilot"].float().to(norms["pilot"].device) ** 2)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._tc_sums and self._tc_last_logged is not None:
             steps = self.state.global_step - self._tc_last_logged
+            # the logged values, read from the device together (one host read per logging step)
+            names, values = [], []
             if steps > 0:
                 for name, total in self._tc_sums.items():
-                    logs[name] = float(self.accelerator.gather(total.reshape(1)).mean()) / steps
+                    names.append(name)
+                    values.append(self.accelerator.gather(total.reshape(1)).mean())
                 self._tc_sums = {}
                 self._tc_last_logged = self.state.global_step
+            n_sums = len(names)
             for name, value in self._tc_grad_norms.items():
-                logs[f"grad_norm_{name}"] = value
+                names.append(f"grad_norm_{name}")
+                values.append(value)
+            if values:
+                dev = values[0].device
+                read = torch.stack([v.detach().to(dev, torch.float64).reshape(()) for v in values]).tolist()
+                for i, (name, value) in enumerate(zip(names, read)):
+                    logs[name] = value / steps if i < n_sums else value  # the sums first, then the norms
             if self._tc_copilot_lr is not None:
                 logs["copilot_learning_rate"] = self._tc_copilot_lr
         super().log(logs, *args, **kwargs)

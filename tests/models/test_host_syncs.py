@@ -3,13 +3,16 @@
 On CUDA every read of a tensor's values on the host (``.item()``, ``int(t)``, ``bool(t)``, ``.tolist()``, a
 boolean-mask index, which calls ``nonzero``) waits for the GPU to catch up and drains the launch queue. The
 checks here count them on the CPU: ``TransformerCopilot.forward`` reads the host once (the range check of the ids
-and the labels together), its backward never; the label checks of the fused ops read once, or not at all with
-``check_labels=False``.
+and the labels together, which also reads a tensor ``num_items_in_batch`` and, when a Mistake Log records, the rows
+it keeps), its backward never; the label checks of the fused ops read once, or not at all with
+``check_labels=False``; a Mistake Log push reads once (its sizes), or not at all inside the forward; a training
+step of either trainer reads only in its forwards between logging steps.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from contextlib import contextmanager
 from unittest import mock
@@ -18,7 +21,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tcopilot import Copilot, TransformerCopilot, copilot_error_loss, logit_capture
+from tcopilot import Copilot, MistakeLog, TransformerCopilot, copilot_error_loss, logit_capture
 from tcopilot._validation import check_labels
 from tcopilot.pilot import check_token_ids, shift_labels
 from tcopilot.testing import VOCAB, left_padded_prompts, tiny_pair, tiny_pilot
@@ -45,16 +48,22 @@ def _reads_host(func, args) -> bool:
 class _ReadCounter(TorchDispatchMode):
     count = 0
 
+    def __init__(self, ignore=None):
+        super().__init__()
+        self.ignore = ignore
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += _reads_host(func, args)
+        self.count += _reads_host(func, args) and not (self.ignore is not None and self.ignore(func, args))
         return func(*args, **(kwargs or {}))
 
 
 @contextmanager
-def host_reads():
+def host_reads(ignore=None):
     """Counts the host reads inside the block. ``Tensor.tolist`` is counted by a wrapper: on CPU tensors it reads
-    the memory without a dispatched op (on CUDA it is a device-to-host copy, a synchronisation like the others)."""
-    counter, real_tolist = _ReadCounter(), torch.Tensor.tolist
+    the memory without a dispatched op (on CUDA it is a device-to-host copy, a synchronisation like the others).
+    ``ignore(func, args)``: True for a dispatched read not to count (reads of tensors that live on the host on every
+    device, see :func:`_optimizer_steps`)."""
+    counter, real_tolist = _ReadCounter(ignore), torch.Tensor.tolist
 
     def tolist(t):
         counter.count += 1
@@ -254,3 +263,291 @@ def test_fused_ops_skip_the_label_read_with_check_labels_false():
     for got_t, want_t in zip(cap, want_cap):
         torch.testing.assert_close(got_t, want_t, rtol=0, atol=0)
     torch.testing.assert_close(loss, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# num_items_in_batch as a tensor (what transformers.Trainer passes)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_forward_reads_a_tensor_num_items_with_its_range_check():
+    """Read with the ids and the labels, checked by logit_capture as that number: no .item() of its own."""
+    model = _model("torch")
+    model.copilot = None  # the Pilot's loss is the one num_items_in_batch divides
+    ids, mask, labels = _left_padded_batch()
+    want = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=7).loss
+    for n in (torch.tensor(7), torch.tensor(7, dtype=torch.int32), torch.tensor([7.0]), torch.tensor(7.0).bfloat16()):
+        with host_reads() as reads:
+            got = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=n).loss
+        assert reads.count == 1, n
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for bad, shown in ((torch.tensor(0), "0"), (torch.tensor(-2.5), "-2.5"), (torch.tensor(float("nan")), "nan")):
+        with host_reads() as reads, pytest.raises(
+            ValueError, match=rf"^num_items_in_batch: expected a finite number > 0, got {shown}$"
+        ):
+            model(ids, attention_mask=mask, labels=labels, num_items_in_batch=bad)
+        assert reads.count == 1
+
+
+def test_logit_capture_reads_a_tensor_num_items_with_its_labels():
+    h, w, values, y, *_ = _capture_inputs()
+    want = logit_capture(h, w, y, values, impl="torch", num_items_in_batch=5)
+    for n, expected_reads in ((torch.tensor(5), 1), (torch.tensor(5.0, dtype=torch.float64), 1)):
+        with host_reads() as reads:
+            cap = logit_capture(h, w, y, values, impl="torch", num_items_in_batch=n)
+        assert reads.count == expected_reads
+        torch.testing.assert_close(cap.loss, want.loss, rtol=0, atol=0)
+    with host_reads() as reads:  # without the label check, the value alone is read
+        logit_capture(h, w, y, values, impl="torch", num_items_in_batch=torch.tensor(5), check_labels=False)
+    assert reads.count == 1
+    with host_reads() as reads, pytest.raises(ValueError, match=r"^num_items_in_batch: .* got 0$"):
+        logit_capture(h, w, y, values, impl="torch", num_items_in_batch=torch.tensor(0))
+    assert reads.count == 1
+    with pytest.raises(ValueError, match=r"^labels: expected values in \[0, 30\)"):  # the labels' error first
+        logit_capture(h, w, y.masked_fill(y == IGNORE, 30), impl="torch", num_items_in_batch=torch.tensor(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_number_denominator_equals_as_tensor(dtype):
+    """mean_denom fills a number in on the device (as_tensor copies it over from the host): the same value."""
+    import numpy as np
+
+    from tcopilot.kernels.logit_capture.autograd import mean_denom
+
+    hidden = torch.zeros(1, 1, dtype=dtype)
+    for v in (1, 3, 2**24 + 1, 2**31 + 7, 2**53 + 1, 2**62 + 3, 10**30, 0.1, 1e-46, 3.4028235e38, 1e39, np.int64(7),
+              np.float32(0.3), np.float16(0.1)):
+        got = mean_denom(v, "mean", hidden)
+        assert got.dtype == dtype and got.shape == ()
+        assert torch.equal(got, torch.as_tensor(v, dtype=dtype)), v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Mistake Log
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _recording_model(attention_impl: str = "triton", ignore_index: int = IGNORE, **log_kw) -> TransformerCopilot:
+    model = _model(attention_impl)
+    model.mistake_log = MistakeLog(capacity=4, topk=4, pooled_dtype="int8", ignore_index=ignore_index, **log_kw)
+    return model
+
+
+def _capture_for_push(gen_seed=0, b=3, length=6, vocab=20, d=8):
+    g = torch.Generator().manual_seed(gen_seed)
+    ids = torch.randint(0, vocab, (b, length), generator=g)
+    mask = (torch.rand(b, length, generator=g) < 0.7).long()
+    tgt = torch.randint(0, vocab, (b * length,), generator=g)
+    tgt[torch.rand(b * length, generator=g) < 0.4] = IGNORE
+    cap = logit_capture(torch.randn(b * length, d, generator=g), torch.randn(vocab, d, generator=g), tgt, topk=5,
+                        impl="torch")
+    return dict(input_ids=ids, attention_mask=mask, targets=tgt, capture=cap,
+                pooled=torch.randn(b, length, d, generator=g), vocab_size=vocab)
+
+
+def _assert_same(a, b, path="state"):
+    """Equal nested state (tensors: same dtype and values)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_push_reads_the_host_once_or_never_with_its_counts():
+    """One read of the entry's sizes (counted and real rows); none when the caller passes them. The summary stays
+    on the device until flush."""
+    inputs = _capture_for_push()
+    log = MistakeLog(topk=3, pooled_dtype="int8")
+    with host_reads() as reads:
+        log.push(**inputs)
+    assert reads.count == 1
+    counts = (int((inputs["targets"] != IGNORE).sum()), int(inputs["attention_mask"].sum()))
+    other = MistakeLog(topk=3, pooled_dtype="int8")
+    with host_reads() as reads:
+        other.push(**inputs, counts=counts)
+    assert reads.count == 0
+    _assert_same(other.state_dict(), log.state_dict())
+
+
+def test_flush_copies_the_pending_pushes_in_one_transfer(monkeypatch):
+    log = MistakeLog(topk=3, pooled_dtype=None)
+    for seed in range(5):
+        log.push(**_capture_for_push(seed), step=1 + seed // 2)
+    calls = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: calls.append(t.shape) or real_cpu(t, *a, **k))
+    log.flush()
+    assert len(calls) == 1 and not log._pending
+
+
+@needs_interpreter
+def test_recording_forward_reads_the_host_once_and_its_backward_never():
+    """The Mistake Log's rows are counted in the forward's one read, so the push reads nothing."""
+    model = _recording_model()
+    ids, mask, labels = _left_padded_batch()
+    model(ids, attention_mask=mask, labels=labels)
+    with host_reads() as reads:
+        out = model(ids, attention_mask=mask, labels=labels)
+    assert reads.count == 1
+    with host_reads() as reads:
+        out.loss.backward()
+    assert reads.count == 0
+    assert len(model.mistake_log) == 2
+
+
+@needs_interpreter
+def test_a_log_with_another_ignore_index_counts_its_rows_itself():
+    """The push relabels the targets to the log's ignore_index: the forward leaves the counting to it (its one
+    read)."""
+    model = _recording_model(ignore_index=-1)
+    ids, mask, labels = _left_padded_batch()
+    with host_reads() as reads:
+        model(ids, attention_mask=mask, labels=labels)
+    assert reads.count == 2
+
+
+@needs_interpreter
+def test_replay_forward_reads_the_host_once_besides_the_draw():
+    """log_mode="replay": the forward's one read, the sampler's draw (a CPU generator: a host tensor on every
+    device, no synchronisation) and nothing else: the stored rows are placed with indices sized by the entry's
+    shapes. The backward reads nothing."""
+    model = _recording_model()
+    model.log_mode = "replay"
+    ids, mask, labels = _left_padded_batch()
+    model(ids, attention_mask=mask, labels=labels)
+    with host_reads() as reads:
+        out = model(ids, attention_mask=mask, labels=labels)
+    assert reads.count == 2
+    with host_reads() as reads:
+        out.loss.backward()
+    assert reads.count == 0
+    assert model.copilot.error_out.weight.grad is not None
+
+
+def test_recording_forward_stores_what_a_push_that_reads_its_counts_stores():
+    model = _recording_model("torch")
+    ids, mask, labels = _left_padded_batch()
+    seen = []
+    real_push = model.mistake_log.push
+
+    def push(**kw):
+        seen.append(kw)
+        return real_push(**kw)
+
+    model.mistake_log.push = push
+    model(ids, attention_mask=mask, labels=labels)
+    kw = dict(seen[0])
+    assert kw.pop("counts") == (int((labels[:, 1:] != IGNORE).sum()), int(mask.sum()))
+    ref = MistakeLog(capacity=4, topk=4, pooled_dtype="int8")
+    ref.push(**kw)
+    _assert_same(model.mistake_log.state_dict(), ref.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A training step of the trainers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _optimizer_steps(*optimizers):
+    """``ignore`` for :func:`host_reads`: torch's AdamW reads each parameter's step count, a CPU tensor on every
+    device (without ``capturable`` / ``fused``): no synchronisation. ``optimizers``: callables giving them (the
+    Trainers create theirs late)."""
+
+    def ignore(func, args):
+        if func is not aten._local_scalar_dense.default:
+            return False
+        return any(args[0] is s.get("step") for get in optimizers for s in get().state.values())
+
+    return ignore
+
+
+def _train_examples(n=16, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (int(torch.randint(length - 3, length + 1, (1,), generator=g)),), generator=g)
+        prompt = int(torch.randint(1, 4, (1,), generator=g))
+        out.append({"input_ids": ids.tolist(), "labels": [IGNORE] * prompt + ids[prompt:].tolist()})
+    return out
+
+
+@needs_interpreter
+@pytest.mark.parametrize("keep_log", [False, True])
+def test_trainer_step_reads_only_in_its_forwards_between_logging_steps(tmp_path, monkeypatch, keep_log):
+    """Our Trainer, 2 micro-batches per step, a record every 3 steps, stopped after 4: a step reads the host in its
+    2 forwards and twice on host tensors (the batch's indices and its token count, from the collated CPU batch);
+    the logged step 3 and the last one (whose record train returns) read the record once more: losses and gradient
+    norms together (and, with a Mistake Log, the log's flush at those steps)."""
+    import tcopilot.train
+    from tcopilot.train import TrainConfig, Trainer
+
+    model = _model("triton")
+    cfg = TrainConfig(steps=5, batch_size=4, grad_accum=2, warmup_steps=1, log_every=3, ckpt_every=0, seed=0,
+                      keep_log=keep_log, log_topk=4)
+    tr = Trainer(model, _train_examples(), cfg, str(tmp_path), progress=False)
+    starts, real_indices = [], tcopilot.train.batch_indices
+
+    def indices(*args):  # the first thing a step does: draw its batch
+        starts.append(reads.count)
+        return real_indices(*args)
+
+    monkeypatch.setattr(tcopilot.train, "batch_indices", indices)
+    with host_reads(_optimizer_steps(lambda: tr.opt_pilot, lambda: tr.opt_copilot)) as reads:
+        last = tr.train(stop_after=4)
+    per_step = [b - a for a, b in zip(starts, [*starts[1:], reads.count])]
+    between = 2 + cfg.grad_accum
+    if keep_log:  # the logged steps also fold in the log's pending pushes (reads of host tensors after one copy)
+        assert per_step[:2] == [between] * 2 and min(per_step[2:]) > between + 1
+    else:
+        assert per_step == [between, between, between + 1, between + 1]
+    assert last["step"] == 4 and isinstance(last["pilot_loss"], float) and isinstance(last["grad_norm_copilot"], float)
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [3]
+
+
+@needs_interpreter
+def test_copilot_trainer_step_reads_only_in_its_forwards(tmp_path):
+    """CopilotTrainer (transformers.Trainer) with a tensor num_items_in_batch, 2 micro-batches per step: the 2
+    forwards' reads (the count is read with their range check), nothing in clipping (the per-model norms are read
+    when logged). ``logging_nan_inf_filter=False``: the stock Trainer's own NaN filter reads each micro-batch's loss
+    (2 more reads per micro-batch, not the package's)."""
+    pytest.importorskip("accelerate")
+    from transformers import TrainerCallback, TrainingArguments
+
+    from tcopilot.data.prompts import collate
+    from tcopilot.integrations import CopilotTrainer
+
+    model = _model("triton")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=3e-3, max_grad_norm=1.0, logging_steps=2, save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=0, dataloader_num_workers=0, train_sampling_strategy="sequential",
+        logging_nan_inf_filter=False,
+    )
+
+    class Count(TrainerCallback):
+        def __init__(self):
+            self.counts = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.block = host_reads(_optimizer_steps(lambda: tr.optimizer))
+            self.reads = self.block.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.block.__exit__(None, None, None)
+            self.counts.append(self.reads.count)
+
+    count = Count()
+    tr = CopilotTrainer(model=model, args=args, train_dataset=_train_examples(),
+                        data_collator=lambda rows: collate(rows, 0), callbacks=[count], copilot_max_grad_norm=1.0)
+    tr.train()
+    assert count.counts == [2, 2]
+    logged = [r for r in tr.state.log_history if "pilot_loss" in r]
+    assert len(logged) == 1 and all(isinstance(logged[0][k], float) for k in ("grad_norm_pilot", "grad_norm_copilot"))

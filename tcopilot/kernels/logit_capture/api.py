@@ -19,9 +19,13 @@ from tcopilot._validation import (
     check_finite,
     check_float32_range,
     check_int,
+    check_label_extrema,
     check_tensor,
+    int64_as_scalar,
     is_finite_number,
+    label_extrema,
     resolve_impl,
+    scalar_as_int64,
 )
 from tcopilot._validation import check_labels as check_label_values  # the name check_labels is an option here
 
@@ -91,7 +95,8 @@ def _check_not_sharded(name: str, t: torch.Tensor | None) -> None:
             )
 
 
-def _check_num_items(num_items_in_batch, reduction: str):
+def _check_num_items(num_items_in_batch, reduction: str, value=None):
+    """``num_items_in_batch`` checked; ``value``: a tensor's value already read by the caller (else ``.item()``)."""
     if num_items_in_batch is None:
         return None
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -103,7 +108,7 @@ def _check_num_items(num_items_in_batch, reduction: str):
         if torch.compiler.is_compiling():
             # .item() would break the graph: the value is checked inside the op at run time.
             value = 1
-        else:
+        elif value is None:
             value = num_items_in_batch.item()
     else:
         value = num_items_in_batch
@@ -174,7 +179,10 @@ def logit_capture(
         token_weights: optional ``[N]`` per-row loss weights (any float dtype, same device; applied after
             smoothing and z-loss). They receive no gradient.
         num_items_in_batch: optional number (or one-element tensor) ``> 0``: the denominator of
-            ``reduction="mean"`` for gradient accumulation over micro-batches. Only valid with "mean".
+            ``reduction="mean"`` for gradient accumulation over micro-batches. Only valid with "mean". A tensor's
+            value is checked on the host: read together with the labels' range check (one host read for both),
+            or alone with ``check_labels=False`` (:class:`~tcopilot.TransformerCopilot` reads it in its own check
+            and passes the number).
         impl: ``"auto"`` (Triton on CUDA when available, else PyTorch), ``"torch"`` (chunked PyTorch, never
             holds ``[N x V]``) or ``"triton"`` (no silent fallback; CPU tensors only under
             ``TRITON_INTERPRET=1``).
@@ -278,9 +286,19 @@ def logit_capture(
     ignore_index = check_int("ignore_index", ignore_index, what="an int (in int64 range)")
     check_tensor("labels", labels, ndim=1, dtypes=LABEL_DTYPES, device=device, shape=(n,))
     check_labels = check_bool("check_labels", check_labels)
+    num_items_value = None
     if check_labels and not compiling:
-        # Data-dependent (reads the labels back): under torch.compile the op checks them when it runs.
-        check_label_values("labels", labels, vocab, ignore_index)
+        # Data-dependent (reads the labels back): under torch.compile the op checks them when it runs. A tensor
+        # num_items_in_batch on the same device is read in the same host read (checked below, in its turn).
+        packed = None
+        if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device == device:
+            packed = scalar_as_int64(num_items_in_batch)
+        if packed is None:
+            check_label_values("labels", labels, vocab, ignore_index)
+        else:
+            lo, hi, bits = torch.cat([label_extrema(labels, ignore_index), packed]).tolist()
+            check_label_extrema("labels", lo, hi, vocab, ignore_index)
+            num_items_value = int64_as_scalar(bits, num_items_in_batch.dtype)
     check_choice("reduction", reduction, REDUCTIONS)
     topk = check_int("topk", topk, low=0, high=vocab, what=f"an int in [0, {vocab}] (the vocabulary size)")
     if softcap is not None:
@@ -297,7 +315,7 @@ def logit_capture(
         raise ValueError(f"z_loss: expected a number >= 0, got {z_loss!r}")
     if token_weights is not None:
         check_tensor("token_weights", token_weights, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(n,))
-    num_items_in_batch = _check_num_items(num_items_in_batch, reduction)
+    num_items_in_batch = _check_num_items(num_items_in_batch, reduction, num_items_value)
 
     fn = None
     if impl == "triton" or (impl == "auto" and device.type == "cuda"):

@@ -64,9 +64,15 @@ def mean_denom(num_items_in_batch, reduction: str, hidden: torch.Tensor) -> torc
     launcher then counts the rows)."""
     if num_items_in_batch is None or reduction != "mean":
         return None
+    dtype = acc_dtype(hidden.dtype)
+    if not isinstance(num_items_in_batch, torch.Tensor) and not torch.compiler.is_compiling():
+        # A number is filled in on the device: as_tensor would build it on the host and copy it over, a copy that
+        # waits for the device. The same value as as_tensor's: a Python double (int -> double, as as_tensor
+        # converts it), then cast to dtype (rounding, inf past float32's range, as as_tensor stores it).
+        return torch.full((), float(num_items_in_batch), dtype=torch.float64, device=hidden.device).to(dtype)
     # dtype= in as_tensor itself: a Python float would otherwise become a float32 tensor first (fp64 inputs then
     # divide by a rounded count, e.g. 16777217.0 -> 16777216)
-    return torch.as_tensor(num_items_in_batch, dtype=acc_dtype(hidden.dtype), device=hidden.device).reshape(())
+    return torch.as_tensor(num_items_in_batch, dtype=dtype, device=hidden.device).reshape(())
 
 
 def reduce_rows(row, counted, token_weights, denom, reduction):
