@@ -551,3 +551,45 @@ def test_copilot_trainer_step_reads_only_in_its_forwards(tmp_path):
     assert count.counts == [2, 2]
     logged = [r for r in tr.state.log_history if "pilot_loss" in r]
     assert len(logged) == 1 and all(isinstance(logged[0][k], float) for k in ("grad_norm_pilot", "grad_norm_copilot"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: the synchronisations CUDA itself reports (blocking copies included, which the CPU counter cannot see)
+
+
+@contextmanager
+def cuda_syncs():
+    """Counts what ``torch.cuda.set_sync_debug_mode("warn")`` reports inside the block."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            box = []
+            yield box
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+    box.extend(w for w in caught if "synchroniz" in str(w.message).lower())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recording", [False, True], ids=["plain", "mistake_log"])
+def test_gpu_training_step_synchronises_once(recording):
+    model = (_recording_model("auto") if recording else _model("auto", "auto")).cuda()
+    ids, mask, labels = (t.cuda() for t in _left_padded_batch())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+    for _ in range(2):  # warm-up: Triton compilation and autotuning synchronise
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with cuda_syncs() as forward_syncs:
+        out = model(ids, attention_mask=mask, labels=labels)
+    with cuda_syncs() as rest:
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert len(forward_syncs) == 1, [str(w.message) for w in forward_syncs]
+    assert not rest, [str(w.message) for w in rest]
