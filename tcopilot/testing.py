@@ -88,6 +88,33 @@ def tiny_pair(
     return TransformerCopilot(pilot, copilot, impl="torch")
 
 
+def decoding_pair(family: str = "llama", attention_impl: str = "torch", layers: int = 3) -> TransformerCopilot:
+    """:func:`tiny_pair` for decoding tests: a strong Copilot head (std 2.0: the Copilot changes tokens, so a broken
+    feedback path shows) and the Copilot's attention on ``attention_impl``."""
+    model = tiny_pair(family, layers=layers)
+    with torch.no_grad():
+        model.copilot.error_out.weight.normal_(0, 2.0)
+    for layer in model.copilot.layers:
+        layer.self_attn.impl = attention_impl
+    return model
+
+
+def assert_same_state(a, b, path: str = "state") -> None:
+    """Equal nested state (dicts with the same keys, lists, tensors of the same dtype and values, plain values)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
 def naive_joint_losses(model: TransformerCopilot, input_ids, attention_mask, labels, ignore_index=-100):
     """Materialise logits, the full-vocabulary errors and the Copilot's full-vocabulary output."""
     pilot, cop = model.pilot, model.copilot

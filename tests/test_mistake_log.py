@@ -16,6 +16,7 @@ from tcopilot.mistake_log import (
     residual_mass,
     sparse_errors,
 )
+from tcopilot.testing import assert_same_state
 
 
 def _case(gen, n=9, d=16, vocab=61, ignore_every=4):
@@ -141,21 +142,6 @@ def test_entries_store_only_what_they_need(gen):
     assert e.nbytes == n_rows * (4 + 1 + 4) + n_counted * (4 + 4 + 4 * (4 + 2)) + n_real * (8 + 4)
 
 
-def _assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 @pytest.mark.parametrize("pooled", ["bfloat16", "int8", None])
 def test_state_dict_and_save_load_round_trips_are_exact(gen, tmp_path, pooled):
     log = MistakeLog(capacity=4, topk=5, pooled_dtype=pooled, topk_dtype="bfloat16", seed=3)
@@ -165,12 +151,12 @@ def test_state_dict_and_save_load_round_trips_are_exact(gen, tmp_path, pooled):
     state = log.state_dict()
     other = MistakeLog(capacity=4, topk=5, pooled_dtype=pooled, topk_dtype="bfloat16")
     other.load_state_dict(state)
-    _assert_same(state, other.state_dict())
+    assert_same_state(state, other.state_dict())
     log.save(str(tmp_path / "log"), shard_bytes=1500)  # several shards
     shards = sorted(p.name for p in (tmp_path / "log").iterdir() if p.name.startswith("entries-"))
     assert len(shards) > 1
     loaded = MistakeLog.load(str(tmp_path / "log"))
-    _assert_same(state, loaded.state_dict())
+    assert_same_state(state, loaded.state_dict())
     # The same draws afterwards.
     assert [loaded.sample().step for _ in range(6)] == [log.sample().step for _ in range(6)]
     # Saving again into the same directory replaces the shards.

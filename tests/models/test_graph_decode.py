@@ -30,18 +30,13 @@ from tcopilot.beam_search import beam_search  # noqa: E402
 from tcopilot.generate import _PairDecoder, generate, resolve_generation_options  # noqa: E402
 from tcopilot.graph_decode import _StaticLoop, graph_decode  # noqa: E402
 from tcopilot.pilot import pilot_states  # noqa: E402
-from tcopilot.testing import left_padded_prompts, tiny_pair  # noqa: E402
+from tcopilot.testing import decoding_pair, left_padded_prompts  # noqa: E402
 
 DEV = "cuda" if _HAS_CUDA else "cpu"
 
 
 def _pair(family="llama", attention_impl="torch"):
-    model = tiny_pair(family, layers=3)
-    with torch.no_grad():  # a strong head: the Copilot changes tokens, so a broken feedback path shows
-        model.copilot.error_out.weight.normal_(0, 2.0)
-    for layer in model.copilot.layers:
-        layer.self_attn.impl = attention_impl
-    return model.to(DEV)
+    return decoding_pair(family, attention_impl).to(DEV)
 
 
 def _static(model, ids, mask, max_new, *, lam=1.0, fusion="probs", impl="torch", generator=None, seed=None,
@@ -188,6 +183,22 @@ def host_copies(monkeypatch):
     return seen
 
 
+def _assert_capturable(step, host_copies, n: int = 3) -> list:
+    """Run ``step`` ``n`` times: no host read or copy of a tensor's values, the same ops on the same shapes each
+    time (what a captured graph replays). Returns the first step's ops."""
+    host_copies.clear()
+    steps = []
+    for _ in range(n):
+        with _StepAudit() as audit:
+            step()
+        steps.append(audit)
+    assert not host_copies, f"a step copies tensor values to the host: {host_copies}"
+    for audit in steps:
+        assert not audit.host_reads, f"a step reads tensor values on the host: {audit.host_reads}"
+    assert all(a.ops == steps[0].ops for a in steps), "a step's ops or shapes change from step to step"
+    return steps[0].ops
+
+
 @pytest.mark.parametrize(("impl", "sampling"), [("triton", "seed"), ("triton", "generator"), ("torch", "seed")])
 def test_a_decode_step_reads_nothing_on_the_host_and_keeps_its_shapes(impl, sampling, host_copies):
     model = _pair(attention_impl="triton")  # the torch attention plans its key spans on the host
@@ -198,17 +209,8 @@ def test_a_decode_step_reads_nothing_on_the_host_and_keeps_its_shapes(impl, samp
         dec.prefill(ids, mask, 8)
         loop = _StaticLoop(model, dec, ids, 8, 1.0, "probs", 0.9, 20, 0.9, randomness, impl, list(range(1, 97, 5)), 0)
         loop.choose()
-        host_copies.clear()
-        steps = []
-        for _ in range(3):
-            with _StepAudit() as audit:
-                loop.step()
-            steps.append(audit)
-    assert not host_copies, f"a step copies tensor values to the host: {host_copies}"
-    for audit in steps:
-        assert not audit.host_reads, f"a step reads tensor values on the host: {audit.host_reads}"
-    assert steps[0].ops == steps[1].ops == steps[2].ops, "a step's ops or shapes change from step to step"
-    assert any("index_copy" in name for name, _ in steps[0].ops)  # the audit saw the step's cache writes
+        ops = _assert_capturable(loop.step, host_copies)
+    assert any("index_copy" in name for name, _ in ops)  # the audit saw the step's cache writes
 
 
 def test_static_copilot_cache_is_fixed_size_and_keeps_its_addresses():
@@ -291,16 +293,7 @@ def test_a_beam_step_reads_nothing_on_the_host_and_keeps_its_shapes(host_copies)
         dec.prefill(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), 6)
         search = _BeamState(dec, ids.shape[0], k, 6, [5, 9], 1, 1.0, "probs", 1.0, False, static=True)
         search.score(0)
-        host_copies.clear()
-        steps = []
-        for _ in range(3):
-            with _StepAudit() as audit:
-                search.step()
-            steps.append(audit)
-    assert not host_copies, f"a beam step copies tensor values to the host: {host_copies}"
-    for audit in steps:
-        assert not audit.host_reads, f"a beam step reads tensor values on the host: {audit.host_reads}"
-    assert steps[0].ops == steps[1].ops == steps[2].ops, "a beam step's ops or shapes change from step to step"
+        _assert_capturable(search.step, host_copies)
 
 
 def test_static_beam_state_is_frozen_once_every_row_is_done():

@@ -24,19 +24,14 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import tcopilot.graph_decode as graph_decode_mod  # noqa: E402
 from tcopilot import GraphDecoder, generate  # noqa: E402
 from tcopilot.pilot import pilot_backbone  # noqa: E402
-from tcopilot.testing import left_padded_prompts, tiny_pair  # noqa: E402
+from tcopilot.testing import decoding_pair, left_padded_prompts  # noqa: E402
 
 DEV = "cuda" if _HAS_CUDA else "cpu"
 VOCAB = 97
 
 
 def _pair(family="llama", attention_impl="torch"):
-    model = tiny_pair(family, layers=3)
-    with torch.no_grad():  # a strong head: the Copilot changes tokens, so a broken feedback path shows
-        model.copilot.error_out.weight.normal_(0, 2.0)
-    for layer in model.copilot.layers:
-        layer.self_attn.impl = attention_impl
-    return model.to(DEV)
+    return decoding_pair(family, attention_impl).to(DEV)
 
 
 def _prompts(rows, length, seed):

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tcopilot import Copilot, MistakeLog, TransformerCopilot, copilot_error_loss, logit_capture
 from tcopilot._validation import check_labels
 from tcopilot.pilot import check_token_ids, shift_labels
-from tcopilot.testing import VOCAB, left_padded_prompts, tiny_pair, tiny_pilot
+from tcopilot.testing import VOCAB, assert_same_state, left_padded_prompts, tiny_pair, tiny_pilot
 
 IGNORE = -100
 # The Copilot's attention on its Triton path (what "auto" takes on CUDA) runs in the interpreter on the CPU.
@@ -108,19 +108,24 @@ def _left_padded_batch():
     return ids, mask, ids.masked_fill(mask == 0, IGNORE)
 
 
+def _forward_backward_reads(model):
+    """``(output, host reads of the forward, host reads of its backward)`` on the left-padded batch."""
+    ids, mask, labels = _left_padded_batch()
+    with host_reads() as forward:
+        out = model(ids, attention_mask=mask, labels=labels)
+    with host_reads() as backward:
+        out.loss.backward()
+    return out, forward.count, backward.count
+
+
 @needs_interpreter
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_training_forward_reads_the_host_once_and_its_backward_never(impl):
     """What a GPU runs with impl="auto" (the Triton kernels, here in the interpreter) and with the fused ops on
     their PyTorch path: a left-padded batch with labels, no Mistake Log."""
     model = _model("triton", impl)
-    ids, mask, labels = _left_padded_batch()
-    with host_reads() as reads:
-        out = model(ids, attention_mask=mask, labels=labels)
-    assert reads.count == 1
-    with host_reads() as reads:
-        out.loss.backward()
-    assert reads.count == 0
+    out, forward, backward = _forward_backward_reads(model)
+    assert (forward, backward) == (1, 0)
     assert out.copilot_loss is not None and model.copilot.error_out.weight.grad is not None
 
 
@@ -345,22 +350,6 @@ def _capture_for_push(gen_seed=0, b=3, length=6, vocab=20, d=8):
                 pooled=torch.randn(b, length, d, generator=g), vocab_size=vocab)
 
 
-def _assert_same(a, b, path="state"):
-    """Equal nested state (tensors: same dtype and values)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert list(a) == list(b), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 def test_push_reads_the_host_once_or_never_with_its_counts():
     """One read of the entry's sizes (counted and real rows); none when the caller passes them. The summary stays
     on the device until flush."""
@@ -374,7 +363,7 @@ def test_push_reads_the_host_once_or_never_with_its_counts():
     with host_reads() as reads:
         other.push(**inputs, counts=counts)
     assert reads.count == 0
-    _assert_same(other.state_dict(), log.state_dict())
+    assert_same_state(other.state_dict(), log.state_dict())
 
 
 def test_flush_copies_the_pending_pushes_in_one_transfer(monkeypatch):
@@ -392,14 +381,9 @@ def test_flush_copies_the_pending_pushes_in_one_transfer(monkeypatch):
 def test_recording_forward_reads_the_host_once_and_its_backward_never():
     """The Mistake Log's rows are counted in the forward's one read, so the push reads nothing."""
     model = _recording_model()
-    ids, mask, labels = _left_padded_batch()
-    model(ids, attention_mask=mask, labels=labels)
-    with host_reads() as reads:
-        out = model(ids, attention_mask=mask, labels=labels)
-    assert reads.count == 1
-    with host_reads() as reads:
-        out.loss.backward()
-    assert reads.count == 0
+    _forward_backward_reads(model)
+    _, forward, backward = _forward_backward_reads(model)
+    assert (forward, backward) == (1, 0)
     assert len(model.mistake_log) == 2
 
 
@@ -421,14 +405,9 @@ def test_replay_forward_reads_the_host_once_besides_the_draw():
     shapes. The backward reads nothing."""
     model = _recording_model()
     model.log_mode = "replay"
-    ids, mask, labels = _left_padded_batch()
-    model(ids, attention_mask=mask, labels=labels)
-    with host_reads() as reads:
-        out = model(ids, attention_mask=mask, labels=labels)
-    assert reads.count == 2
-    with host_reads() as reads:
-        out.loss.backward()
-    assert reads.count == 0
+    _forward_backward_reads(model)
+    _, forward, backward = _forward_backward_reads(model)
+    assert (forward, backward) == (2, 0)
     assert model.copilot.error_out.weight.grad is not None
 
 
@@ -448,7 +427,7 @@ def test_recording_forward_stores_what_a_push_that_reads_its_counts_stores():
     assert kw.pop("counts") == (int((labels[:, 1:] != IGNORE).sum()), int(mask.sum()))
     ref = MistakeLog(capacity=4, topk=4, pooled_dtype="int8")
     ref.push(**kw)
-    _assert_same(model.mistake_log.state_dict(), ref.state_dict())
+    assert_same_state(model.mistake_log.state_dict(), ref.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------
