@@ -349,7 +349,8 @@ class GraphDecoder:
             is_eos = (gen[..., None] == torch.tensor(self.eos_ids, device=gen.device)).any(-1)
             if bool(is_eos.any(1).all()):
                 new = int(is_eos.int().argmax(1).max()) + 1
-        return out[:rows, length - in_length : length + new]
+        # a copy: the buffer is the next call's (a view would change under the caller's feet)
+        return out[:rows, length - in_length : length + new].clone()
 
 
 __all__ = ["GraphDecoder", "graph_decode", "graph_loop"]

@@ -62,7 +62,7 @@ def test_every_call_equals_generate(eager_on_cpu, name, impl):
     options = dict(max_new_tokens=9, impl=impl, **OPTIONS[name])
     dec = GraphDecoder(model, batch_size=4, prompt_length=8, **options)
     sampling = "temperature" in options
-    stopped_early = False
+    stopped_early, results = False, []
     for rows, length, seed in CALLS:
         ids, mask = _prompts(rows, length, seed)
         draws = dict(seed=100 + seed) if sampling else {}
@@ -70,6 +70,9 @@ def test_every_call_equals_generate(eager_on_cpu, name, impl):
         want = generate(model, ids, attention_mask=mask, **options, **draws)
         assert torch.equal(got, want), (rows, length, seed)
         stopped_early |= want.shape[1] < length + 9
+        results.append((got, want))
+    for got, want in results:  # what a call returned is the caller's: later calls do not write into it
+        assert torch.equal(got, want)
     if name == "logits+eos":
         assert stopped_early, "no call stopped early: the EOS case tests nothing"
 
