@@ -243,17 +243,14 @@ def beam_search(
                     break
                 search.advance()
             return search.result(input_ids, t)
-        from tcopilot.graph_decode import _check_capturable, _run, _warm_up_and_capture
+        from tcopilot.graph_decode import _after_first_token, _check_capturable
 
         capture = input_ids.is_cuda if capture is None else capture
         if capture:
             _check_capturable(model, dec, None)
         search.score(0)
-        picked, graph = 1, None
-        if capture and steps - 1 > warmup:
-            graph = _warm_up_and_capture(search, input_ids.device, warmup)
-            picked += warmup
-        done_at = _run(search, steps, picked, graph, check_every)  # the steps that count (<= steps)
+        done_at, _ = _after_first_token(search, steps, input_ids.device, capture=capture, warmup=warmup,
+                                        check_every=check_every)  # the steps that count (<= steps)
         return search.result(input_ids, done_at - 1)
 
 

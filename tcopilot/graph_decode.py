@@ -162,6 +162,21 @@ def _run(loop: _StaticLoop, max_new_tokens: int, picked: int, graph, check_every
     return int(done[0, 0]) + 1 if done.numel() else picked
 
 
+def _after_first_token(loop, max_new_tokens: int, device, *, capture: bool, warmup: int, check_every: int,
+                       keep_graph: bool = False):  # fmt: skip
+    """The steps after the first token (which ``loop`` has just picked): ``warmup`` eager ones and a capture when
+    ``capture``, then replays (or eager steps) to the end. A single call captures only when the graph would replay;
+    a caller that keeps the graph for later calls (``keep_graph``) whenever a step remains. Returns ``(tokens that
+    count, graph or None)``."""
+    picked, graph = 1, None
+    if keep_graph:
+        warmup = min(warmup, max_new_tokens - 1)
+    if capture and (max_new_tokens - 1 > warmup or (keep_graph and max_new_tokens > 1)):
+        graph = _warm_up_and_capture(loop, device, warmup)
+        picked += warmup
+    return _run(loop, max_new_tokens, picked, graph, check_every), graph
+
+
 def graph_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p,
                randomness, impl, eos_ids, pad_token_id, *, capture: bool | None = None, warmup: int = 2,
                check_every: int = 8) -> torch.Tensor:  # fmt: skip
@@ -174,11 +189,8 @@ def graph_loop(model, dec: _PairDecoder, input_ids, max_new_tokens, lam, fusion,
     loop = _StaticLoop(model, dec, input_ids, max_new_tokens, lam, fusion, temperature, top_k, top_p, randomness,
                        impl, eos_ids, pad_token_id)  # fmt: skip
     loop.choose()
-    picked, graph = 1, None
-    if capture and max_new_tokens - 1 > warmup:  # a graph that would never replay is not worth capturing
-        graph = _warm_up_and_capture(loop, input_ids.device, warmup)
-        picked += warmup
-    new = _run(loop, max_new_tokens, picked, graph, check_every)
+    new, _ = _after_first_token(loop, max_new_tokens, input_ids.device, capture=capture, warmup=warmup,
+                                check_every=check_every)  # fmt: skip
     return loop.out[:, : loop.length + new]
 
 
@@ -332,11 +344,8 @@ class GraphDecoder:
         loop = _StaticLoop(self.model, dec, ids, self.max_new_tokens, self.lam, self.fusion, self.temperature,
                            self.top_k, self.top_p, (None, seed), self.impl, self.eos_ids, self.pad_token_id)
         loop.choose()
-        picked, graph = 1, None
-        if self.capture and self.max_new_tokens > 1:
-            graph = _warm_up_and_capture(loop, self.device, min(self.warmup, self.max_new_tokens - 1))
-            picked += min(self.warmup, self.max_new_tokens - 1)
-        new = _run(loop, self.max_new_tokens, picked, graph, self.check_every)
+        new, graph = _after_first_token(loop, self.max_new_tokens, self.device, capture=self.capture,
+                                        warmup=self.warmup, check_every=self.check_every, keep_graph=True)
         self._dec, self._loop, self._graph, self._params = dec, loop, graph, self._fingerprint()
         return loop.out, new
 
