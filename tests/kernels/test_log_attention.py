@@ -205,7 +205,8 @@ def test_log_attention_accepts_strided_inputs():
     pos = _arange(b, length)
     got = log_attention(q, k, v, q_pos=pos, k_pos=pos)
     want = log_attention(q.contiguous(), k.contiguous(), v.contiguous(), q_pos=pos, k_pos=pos)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Not bit-equal: the CPU matmul's summation order depends on the operands' layout (seen on AMD EPYC, 3e-7).
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_log_attention_fp64_gradcheck():
