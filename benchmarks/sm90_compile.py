@@ -161,8 +161,8 @@ def _log_attention_cases() -> Iterator[Case]:
                     common = dict(Q=qkv, K=qkv, V=qkv, QPOS=i32, KPOS=i32, FULL_CNT=i32, FULL_IDX=i32,
                                   PART_CNT=i32, PART_IDX=i32, sm_scale2=hd**-0.5 * 1.4427,
                                   **_la_strides("q", _LA_HQ, _LA_LQ, hd), **_la_strides("k", hk, _LA_LK, hd),
-                                  **_la_strides("v", hk, _LA_LK, hd), GROUP=group, Lq=_LA_LQ, Lk=_LA_LK, NQB=nqb,
-                                  NKB=nkb)  # fmt: skip
+                                  **_la_strides("v", hk, _LA_LK, hd), stride_qpos_b=_LA_LQ, stride_kpos_b=_LA_LK,
+                                  GROUP=group, Lq=_LA_LQ, Lk=_LA_LK, NQB=nqb, NKB=nkb)  # fmt: skip
                     if kind == "fwd":
                         args = dict(common, OUT=qkv, LSE=f32, H=_LA_HQ, **_la_strides("o", _LA_HQ, _LA_LQ, hd))
                     elif kind == "bwd_dkdv":
@@ -207,8 +207,8 @@ def _log_attention_cases() -> Iterator[Case]:
                 args = dict(Q=qkv, K=qkv, V=qkv, QPOS=i32, KPOS=i32, M_PART=f32, L_PART=f32, ACC_PART=f32,
                             sm_scale2=hd**-0.5 * 1.4427, **_la_strides("q", _LA_HQ, lq, hd),
                             **_la_strides("k", hk, _LA_DEC_LK, hd), **_la_strides("v", hk, _LA_DEC_LK, hd),
-                            H=_LA_HQ, HK=hk, GROUP=group, Lq=lq, Lk=_LA_DEC_LK, NSPLIT=splits, TILES_PER_SPLIT=tps,
-                            NKB=nkb)  # fmt: skip
+                            stride_qpos_b=lq, stride_kpos_b=_LA_DEC_LK, H=_LA_HQ, HK=hk, GROUP=group, Lq=lq,
+                            Lk=_LA_DEC_LK, NSPLIT=splits, TILES_PER_SPLIT=tps, NKB=nkb)  # fmt: skip
                 yield Case(
                     kernel="log_attention_decode", fn=la._log_attention_decode_kernel, dtype=dname,
                     config=f"D={hd} M{block_m} (Lq={lq} x group {group}) N{block_n} w{w} s{s}", args=args,
@@ -258,7 +258,8 @@ def _tile_schedule_cases() -> Iterator[Case]:
                     kernel="log_attention_schedule", fn=schedule._tile_schedule_kernel, dtype="int32",
                     config=f"M{bm} N{bn} {'by key' if by_key else 'by query'} chunk {chunk} w4",
                     args=dict(QPOS=i32, KPOS=i32, FULL_CNT=i32, FULL_IDX=i32, PART_CNT=i32, PART_IDX=i32,
-                              Lq=_LA_LQ, Lk=_LA_LK, N_ROWS=rows, N_COLS=cols),
+                              stride_qpos_b=_LA_LQ, stride_kpos_b=_LA_LK, Lq=_LA_LQ, Lk=_LA_LK, N_ROWS=rows,
+                              N_COLS=cols),
                     constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, CHUNK=chunk, BY_KEY=by_key), num_warps=4,
                     quick=len(seen) == 1,
                 )  # fmt: skip

@@ -28,7 +28,7 @@ def _ar(n, b=1, start=0):
 
 def _same_schedule(q_pos, k_pos, block_m, block_n, by_key):
     got = tile_schedule(q_pos.to(DEV), k_pos.to(DEV), block_m, block_n, by_key=by_key)
-    want = tile_schedule_reference(q_pos, k_pos, block_m, block_n, by_key=by_key)
+    want = tile_schedule_reference(q_pos.cpu(), k_pos.cpu(), block_m, block_n, by_key=by_key)
     for kind, (cnt, ids), (wcnt, wids) in (("full", got[:2], want[:2]), ("partial", got[2:], want[2:])):
         assert cnt.dtype == ids.dtype == torch.int32 and ids.shape == wids.shape, kind
         assert torch.equal(cnt.cpu(), wcnt), f"{kind} counts differ"
@@ -94,6 +94,48 @@ def test_chunks_of_columns():
     want = _same_schedule(pos, pos, 16, 2, False)
     assert want[0].sum() > 0 and want[2].sum() > 0
     _same_schedule(pos, pos, 2, 16, True)
+
+
+def _wide_rows(pos, extra, fill):
+    """``pos`` as the ``[:, :n]`` view of a wider buffer (a decode cache's), the unused tail ``fill``."""
+    buf = torch.full((pos.shape[0], pos.shape[1] + extra), fill, dtype=torch.int32, device=DEV)
+    buf[:, : pos.shape[1]] = pos.to(DEV)
+    return buf[:, : pos.shape[1]]
+
+
+@pytest.mark.parametrize("by_key", [False, True], ids=["by_query", "by_key"])
+@pytest.mark.parametrize("layout", ["two_segment_log", "left_padding", "decode_row"])
+def test_row_strided_positions(layout, by_key):
+    # Batch rows at a stride (the decode cache's views) read in place: the same lists as contiguous rows.
+    # The tails past each row hold -1 and large positions: a kernel that ignored the row stride would read them.
+    q_pos, k_pos = _LAYOUTS[layout]
+    for fill in (-1, 10**6):
+        qv, kv = _wide_rows(q_pos, 5, fill), _wide_rows(k_pos, 11, fill)
+        assert not qv.is_contiguous() and not kv.is_contiguous()
+        for blocks in ((16, 16), (32, 16)):
+            want = _same_schedule(qv, kv, *blocks, by_key)  # the kernel on the views vs the reference
+            contiguous = tile_schedule_reference(q_pos, k_pos, *blocks, by_key=by_key)
+            assert all(torch.equal(x, y) for x, y in zip(want, contiguous))
+
+
+def test_positions_int32_copies_only_what_it_must():
+    from tcopilot.kernels.log_attention.schedule import positions_int32
+
+    buf = torch.full((3, 20), -1, dtype=torch.int32)
+    buf[:, :12] = torch.arange(12)
+    q, k = buf[:, 4:5], buf[:, :12]  # a decode step: one query, the filled part of the cache
+    q32, k32 = positions_int32(q, k)
+    assert q32.data_ptr() == q.data_ptr() and q32.stride() == q.stride()
+    assert k32.data_ptr() == k.data_ptr() and k32.stride() == (20, 1)
+    # Positions not adjacent within a row are made contiguous; narrower dtypes are cast.
+    t = torch.arange(24, dtype=torch.int32).view(8, 3).t()
+    t32, k16 = positions_int32(t, k.to(torch.int16))
+    assert t32.is_contiguous() and torch.equal(t32, t)
+    assert k16.dtype == torch.int32 and k16.stride(-1) == 1 and torch.equal(k16, k)
+    # int64 rows at a stride: the rebase reads them as they are.
+    wide = buf.long() + 2**40
+    q64, k64 = positions_int32(wide[:, 4:5], wide[:, :12])
+    assert torch.equal(q64, q) and torch.equal(k64, k)
 
 
 def test_int64_positions_past_int32():

@@ -195,6 +195,67 @@ def test_decode_small_lq_uneven_splits():
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------------ strided positions
+
+
+def _wide_rows(pos, extra, fill=-1):
+    """int32 ``pos`` as the ``[:, :n]`` view of a wider buffer, the unused tail ``fill``: what a decode cache
+    hands over (at B > 1 not contiguous: the row stride is the buffer's capacity)."""
+    buf = torch.full((pos.shape[0], pos.shape[1] + extra), fill, dtype=torch.int32, device=DEV)
+    buf[:, : pos.shape[1]] = pos.to(DEV)
+    return buf[:, : pos.shape[1]]
+
+
+def _assert_same(got, want):
+    for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_strided_positions_equal_contiguous(dtype):
+    # The kernels read positions at their batch-row stride, in place: forward and dq/dk/dv bit for bit the
+    # contiguous result. A kernel that assumed contiguous rows would read the next row's start or the tail
+    # (-1 in k_pos, as in a cache's unused slots; a large position in q_pos) and differ.
+    b, lq, lk = 2, 24, 40
+    q, k, v, do = _inputs(b, 4, 2, lq, lk, 16, 16, dtype=dtype, seed=15)
+    qp = torch.stack([torch.arange(lq) + 16, torch.arange(lq) - 3])
+    kp = torch.cat([torch.stack([torch.arange(20), torch.arange(20) - 5])] * 2, 1)  # two-segment log, padded
+    qv, kv = _wide_rows(qp, 9, fill=10**6), _wide_rows(kp, 13)
+    assert not qv.is_contiguous() and not kv.is_contiguous()
+
+    def run(q_pos, k_pos):
+        return _fwd_bwd(lambda a, b, c: log_attention_triton(a, b, c, q_pos, k_pos, 0.25), q, k, v, do)
+
+    want = _check(q, k, v, do, qp, kp, scale=0.25)  # the contiguous result, itself against the oracle
+    _assert_same(run(qv, kv), want)
+    # One row of positions broadcast over the batch (row stride 0) is read in place too.
+    shared = torch.arange(lq, dtype=torch.int32, device=DEV)
+    _assert_same(run(shared.expand(b, lq), kv), run(shared.expand(b, lq).contiguous(), kv.contiguous()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_strided_positions_decode(monkeypatch, dtype):
+    # Lq = 1 against a cache, as a Copilot decode step passes it: the query positions a column of a wider
+    # buffer, the keys the filled part of the cache. Split-K forward, then the regular backward kernels.
+    b, lk = 3, 50
+    q, k, v, do = _inputs(b, 4, 2, 1, lk, 16, 16, dtype=dtype, seed=16)
+    kp = torch.stack([torch.arange(lk), torch.arange(lk) - 10, torch.arange(lk)])
+    qbuf = torch.tensor([[3, 49, 0], [7, 30, 1], [9, -1, 2]], dtype=torch.int32, device=DEV)
+    qv, kv = qbuf[:, 1:2], _wide_rows(kp, 14)
+    assert qv.stride(0) == 3 and not kv.is_contiguous()
+    qc, kc = qv.contiguous(), kv.contiguous()
+    want = log_attention_fwd(q, k, v, qc, kc, 0.25, decode=True, num_splits=3)
+    got = log_attention_fwd(q, k, v, qv, kv, 0.25, decode=True, num_splits=3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    counter = _LaunchCounter(triton_impl._log_attention_decode_kernel)
+    monkeypatch.setattr(triton_impl, "_log_attention_decode_kernel", counter)
+    want = _check(q, k, v, do, qc, kc, scale=0.25)
+    got = _fwd_bwd(lambda a, b, c: log_attention_triton(a, b, c, qv, kv, 0.25), q, k, v, do)
+    assert counter.launches == 2  # both took the split-K forward
+    _assert_same(got, want)
+    assert (got[0][2] == 0).all()  # the query at -1 sees nothing
+
+
 class _LaunchCounter:
     """Stands in for a @triton.jit kernel in the launcher's module: counts ``kernel[grid](...)`` launches."""
 
@@ -305,13 +366,18 @@ def _torch_ops_outside_triton(fn):
 
 
 @pytest.mark.skipif(_HAS_CUDA, reason="counts the ops around the interpreter's launches")
-def test_launchers_issue_only_allocations():
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided"])
+def test_launchers_issue_only_allocations(layout):
     # With int32 positions (what the Copilot passes) a forward and a backward launch allocate their outputs
     # and launch kernels, nothing else: the tile schedule is one kernel, not ~25 small torch ops per launch
-    # (a 16-layer Copilot's training step makes ~100 such launches).
+    # (a 16-layer Copilot's training step makes ~100 such launches). Row-strided positions (a decode cache's
+    # views of its buffers) are read in place: no copy either, at every attention of every decode step.
     q, k, v, do = _inputs(2, 4, 2, 40, 80, 16, 16)
     pos = _ar(40, 2).to(torch.int32)
     k_pos = torch.cat([pos, pos], 1)
+    if layout == "row_strided":
+        pos, k_pos = _wide_rows(pos, 8), _wide_rows(k_pos, 24)
+        assert not pos.is_contiguous() and not k_pos.is_contiguous()
     allocations = {"empty.memory_format", "full.default", "detach.default"}
     (out, lse), fwd_ops = _torch_ops_outside_triton(
         lambda: triton_impl.log_attention_fwd(q, k, v, pos, k_pos, 0.25, decode=False)
@@ -319,9 +385,54 @@ def test_launchers_issue_only_allocations():
     _, bwd_ops = _torch_ops_outside_triton(
         lambda: triton_impl.log_attention_bwd(do, q, k, v, out, lse, pos, k_pos, 0.25)
     )
-    assert set(fwd_ops) <= allocations, fwd_ops
-    assert set(bwd_ops) <= allocations, bwd_ops
+    q1, pos1 = q[:, :, :1], pos[:, :1]
+    _, decode_ops = _torch_ops_outside_triton(
+        lambda: triton_impl.log_attention_fwd(q1, k, v, pos1, k_pos, 0.25, decode=True)
+    )
+    for ops in (fwd_ops, bwd_ops, decode_ops):
+        assert set(ops) <= allocations, ops
     assert sum(fwd_ops.values()) <= 6 and sum(bwd_ops.values()) <= 12, (fwd_ops, bwd_ops)
+    assert sum(decode_ops.values()) <= 5, decode_ops
+    # The whole Triton entry point, positions preparation included (no autograd: a decode step).
+    with torch.no_grad():
+        _, ops = _torch_ops_outside_triton(lambda: log_attention_triton(q, k, v, pos, k_pos, 0.25))
+    assert set(ops) <= allocations, ops
+
+
+@pytest.mark.skipif(_HAS_CUDA, reason="the Copilot runs on CPU tensors here: the interpreter's variant")
+def test_copilot_decode_step_reads_cache_positions_in_place(monkeypatch):
+    # A Copilot attention layer decoding at B = 2 from its dynamic cache: the cache hands over views of its
+    # buffers (pos[:, :n], row stride = capacity), which the Triton attention reads without copying them.
+    # Outputs are the PyTorch path's.
+    from tcopilot import CopilotConfig, copilot
+
+    cfg = CopilotConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, attention_impl="triton")  # fmt: skip
+    torch.manual_seed(0)
+    layer = copilot.CopilotAttention(cfg, is_log_layer=False).eval()
+    calls, attend = [], copilot.log_attention
+
+    def spy(q, k, v, *, q_pos, k_pos, impl):
+        out, ops = _torch_ops_outside_triton(lambda: attend(q, k, v, q_pos=q_pos, k_pos=k_pos, impl=impl))
+        calls.append((k_pos, ops))
+        return out
+
+    monkeypatch.setattr(copilot, "log_attention", spy)
+    b, n = 2, 7
+    pos = torch.stack([torch.arange(n + 2), torch.arange(n + 2) - 2]).to(torch.int32)  # row 1 left-padded
+    x = torch.randn(b, n + 2, 32)
+    outs = {}
+    with torch.no_grad():
+        for impl in ("triton", "torch"):
+            layer.impl, cache = impl, copilot._KV(reserve=24)
+            outs[impl] = [layer(x[:, :n], pos[:, :n], x[:, :n], pos[:, :n], cache)]
+            for t in (n, n + 1):  # two decode steps
+                outs[impl].append(layer(x[:, t : t + 1], pos[:, t : t + 1], x[:, t : t + 1], pos[:, t : t + 1], cache))
+    for k_pos, ops in calls[1:3]:  # the Triton decode steps
+        assert k_pos.stride(0) == 24 and not k_pos.is_contiguous()
+        assert set(ops) <= {"empty.memory_format", "full.default"}, ops
+    for got, want in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ fp16

@@ -42,9 +42,13 @@ def positions_int32(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Ten
     positions (any log with a key per position does: its span is below its length). Larger spans are
     clamped at the top: keys and queries past ``r + 2**31 - 2`` compare as equal. No host sync.
     (The rebase costs ~15 small launches: callers that know their positions are small pass int32.)
+
+    Batch rows may be strided: the kernels take a row stride, so only the positions within a row must be
+    adjacent. int32 positions laid out so (a decode cache's ``pos[:, :n]`` view of a wider buffer) pass as
+    they are, not copied at every attention of every decode step; anything else is made contiguous.
     """
     if q_pos.dtype != torch.int64 and k_pos.dtype != torch.int64:
-        return q_pos.to(torch.int32).contiguous(), k_pos.to(torch.int32).contiguous()
+        return _rows_int32(q_pos), _rows_int32(k_pos)
     q, k = q_pos.to(torch.int64), k_pos.to(torch.int64)
     valid = k >= 0
     r = torch.where(valid, k, _INT64_MAX).amin(1, keepdim=True) if k.shape[1] else k.new_zeros(k.shape[0], 1)
@@ -52,13 +56,20 @@ def positions_int32(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Ten
     top = _INT32_MAX - 1
     k32 = torch.where(valid, (k - r).clamp_max(top), -1)
     q32 = torch.where(q >= r, (q - r).clamp_max(top), -1)
-    return q32.to(torch.int32).contiguous(), k32.to(torch.int32).contiguous()
+    return _rows_int32(q32), _rows_int32(k32)
+
+
+def _rows_int32(pos: torch.Tensor) -> torch.Tensor:
+    # A copy only where the kernels need one: a cast (a fresh tensor anyway) or a row that is not adjacent.
+    # A row of one position has no stride to respect.
+    pos = pos.to(torch.int32)
+    return pos if pos.stride(-1) == 1 or pos.shape[-1] == 1 else pos.contiguous()
 
 
 @triton.jit
 def _tile_schedule_kernel(
     QPOS, KPOS, FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
-    Lq, Lk, N_ROWS, N_COLS,
+    stride_qpos_b, stride_kpos_b, Lq, Lk, N_ROWS, N_COLS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BY_KEY: tl.constexpr,
 ):  # fmt: skip
     # One program per (batch, row): a row is a query block (its key tiles are the columns) or, BY_KEY, a
@@ -66,8 +77,8 @@ def _tile_schedule_kernel(
     pid = tl.program_id(0)
     b = (pid // N_ROWS).to(tl.int64)
     row = pid % N_ROWS
-    q_base = QPOS + b * Lq
-    k_base = KPOS + b * Lk
+    q_base = QPOS + b * stride_qpos_b
+    k_base = KPOS + b * stride_kpos_b
     out_base = pid.to(tl.int64) * N_COLS
     big = 2147483647
     if BY_KEY:
@@ -139,7 +150,7 @@ def tile_schedule(
     inner = block_m if by_key else block_n
     chunk = max(2, min(triton.next_power_of_2(max(cols, 1)), _CHUNK_ELEMENTS // inner))
     _tile_schedule_kernel[(bsz * rows,)](
-        q_pos, k_pos, full_cnt, full_ids, part_cnt, part_ids, lq, lk, rows, cols,
+        q_pos, k_pos, full_cnt, full_ids, part_cnt, part_ids, q_pos.stride(0), k_pos.stride(0), lq, lk, rows, cols,
         BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, BY_KEY=by_key, num_warps=4,
     )  # fmt: skip
     return full_cnt, full_ids, part_cnt, part_ids

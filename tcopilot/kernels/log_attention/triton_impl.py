@@ -258,6 +258,7 @@ def _log_attention_fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
+    stride_qpos_b, stride_kpos_b,
     H, GROUP, Lq, Lk, NQB, NKB,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -277,7 +278,7 @@ def _log_attention_fwd_kernel(
     row_ok = offs_m < Lq
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = _load_tile(q_ptrs, row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    qpos = tl.load(QPOS + b * Lq + offs_m, mask=row_ok, other=-1)
+    qpos = tl.load(QPOS + b * stride_qpos_b + offs_m, mask=row_ok, other=-1)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -303,7 +304,7 @@ def _log_attention_fwd_kernel(
     for i in range(0, n_part):
         t = tl.load(PART_IDX + sched * NKB + i)
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        kpos = tl.load(KPOS + b * Lk + offs_n, mask=offs_n < Lk, other=-1)
+        kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=-1)
         kvalid = kpos >= 0
         k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], kvalid, offs_d,
                        HEAD_DIM, BLOCK_D, True)  # fmt: skip
@@ -330,6 +331,7 @@ def _log_attention_decode_kernel(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_qpos_b, stride_kpos_b,
     H, HK, GROUP, Lq, Lk, NSPLIT, TILES_PER_SPLIT, NKB,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -349,7 +351,7 @@ def _log_attention_decode_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :]
     q = _load_tile(q_ptrs, row_ok, offs_d, HEAD_DIM, BLOCK_D, True)
-    qpos = tl.load(QPOS + b * Lq + qi, mask=row_ok, other=-1)
+    qpos = tl.load(QPOS + b * stride_qpos_b + qi, mask=row_ok, other=-1)
     q_max = tl.max(qpos, 0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -361,7 +363,7 @@ def _log_attention_decode_kernel(
     t1 = tl.minimum(t0 + TILES_PER_SPLIT, NKB)
     for t in range(t0, t1):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        kpos = tl.load(KPOS + b * Lk + offs_n, mask=offs_n < Lk, other=-1)
+        kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=-1)
         kvalid = kpos >= 0
         # Decoding is memory-bound: a branch that skips the K/V reads of an invisible tile is the saving,
         # and costs nothing since there is no pipelined matmul stream to break.
@@ -473,6 +475,7 @@ def _log_attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_qpos_b, stride_kpos_b,
     H, HK, GROUP, Lq, Lk, NQB, NKB,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -485,7 +488,7 @@ def _log_attention_bwd_dkdv_kernel(
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kpos = tl.load(KPOS + b * Lk + offs_n, mask=offs_n < Lk, other=-1)
+    kpos = tl.load(KPOS + b * stride_kpos_b + offs_n, mask=offs_n < Lk, other=-1)
     kvalid = kpos >= 0
     k = _load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                    kvalid, offs_d, HEAD_DIM, BLOCK_D, True)  # fmt: skip
@@ -497,7 +500,7 @@ def _log_attention_bwd_dkdv_kernel(
     sched = b * NKB + kb
     n_full = tl.load(FULL_CNT + sched)
     n_part = tl.load(PART_CNT + sched)
-    qpos_base = QPOS + b * Lq
+    qpos_base = QPOS + b * stride_qpos_b
     # All query heads of this kv head: the GQA reduction of dK/dV happens here, in registers.
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -569,6 +572,7 @@ def _log_attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
+    stride_qpos_b, stride_kpos_b,
     H, GROUP, Lq, Lk, NQB, NKB,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -590,10 +594,10 @@ def _log_attention_bwd_dq_kernel(
                     row_ok, offs_dv, V_DIM, BLOCK_DV, True)  # fmt: skip
     lse2 = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + (b * H + h) * Lq + offs_m, mask=row_ok, other=0.0)
-    qpos = tl.load(QPOS + b * Lq + offs_m, mask=row_ok, other=-1)
+    qpos = tl.load(QPOS + b * stride_qpos_b + offs_m, mask=row_ok, other=-1)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    kpos_b = KPOS + b * Lk
+    kpos_b = KPOS + b * stride_kpos_b
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     sched = b * NQB + qb
@@ -709,9 +713,10 @@ def log_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher: ``(out [B, Hq, Lq, Dv] in q's dtype, lse [B, Hq, Lq] fp32, +inf = no key)``.
 
-    Expects last-dim-contiguous q/k/v and int32 contiguous positions (``log_attention_triton`` prepares
-    them). ``decode`` forces (True) or forbids (False) the split-K path; default ``_use_decode``: small Lq x
-    group takes it (fp32 only at the head dims and row counts where it compiles without spills).
+    Expects last-dim-contiguous q/k/v and int32 positions whose rows are contiguous, the batch rows at any
+    stride (``log_attention_triton`` prepares them). ``decode`` forces (True) or forbids (False) the split-K
+    path; default ``_use_decode``: small Lq x group takes it (fp32 only at the head dims and row counts where
+    it compiles without spills).
     ``num_splits`` overrides the split-K factor (tests use it to exercise uneven splits).
     """
     bsz, hq, lq, d = q.shape
@@ -744,6 +749,7 @@ def log_attention_fwd(
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
+            q_pos.stride(0), k_pos.stride(0),
             hq, hk, group, lq, lk, splits, tiles_per_split, nkb,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **dims,
         )  # fmt: skip
@@ -762,6 +768,7 @@ def log_attention_fwd(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        q_pos.stride(0), k_pos.stride(0),
         hq, group, lq, lk, nqb, nkb,
     )  # fmt: skip
     _launch("fwd", (bsz * hq * nqb,), args, key_dim, q.dtype, block_m, block_n, warps, stages, **dims)
@@ -817,6 +824,7 @@ def log_attention_bwd(
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
+        q_pos.stride(0), k_pos.stride(0),
         hq, hk, group, lq, lk, nqb, nkb,
     )  # fmt: skip
     _launch("dkdv", (bsz * hk * nkb,), args, key_dim, q.dtype, block_m, block_n, warps, stages, **dims)
@@ -831,6 +839,7 @@ def log_attention_bwd(
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
+        q_pos.stride(0), k_pos.stride(0),
         hq, group, lq, lk, nqb, nkb,
     )  # fmt: skip
     _launch("dq", (bsz * hq * nqb,), args, key_dim, q.dtype, block_m, block_n, warps, stages, **dims)
@@ -870,7 +879,8 @@ def log_attention_triton(
     """Triton ``log_attention`` (inputs already validated by ``api.log_attention``; ``scale`` resolved).
 
     Supports fp16, bf16 and fp32; any head dims D, Dv in [1, 256] (powers of two 16..128 are the tuned
-    sizes). Strides on the B, H, L dims are free; the last dim is made contiguous only if it is not.
+    sizes). Strides on the B, H, L dims are free; the last dim is made contiguous only if it is not. So are
+    the positions' batch strides: a decode cache's ``pos[:, :n]`` view of a wider buffer is read in place.
     """
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
