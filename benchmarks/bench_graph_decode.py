@@ -13,11 +13,12 @@ Providers:
 * ``graph``: ``generate(..., cuda_graph=True)`` (GPU only): the time includes the graph's capture (two eager
   warm-up steps, one recorded step) at every call, as a user pays it;
 * ``graph_reused``: ``GraphDecoder.generate`` (GPU only) after its first call: the prefill is refilled into the
-  buffers of the graph captured once, so a call costs the prefill and the replays (a user decoding many batches).
+  buffers of the graph captured once, so a call costs the prefill and the replays (a user decoding many batches;
+  with 4 beams, ``GraphDecoder(num_beams=4)``: the beam search's state is reset in place too).
 
 Shapes: GPU, the Llama-3.2-1B-shaped Pilot of ``bench_e2e.py`` (bf16, random weights) with Copilots of 0, 4 and
 16 layers of its width, batch 1 and 16, a 128-token prompt, 32 greedy new tokens (no EOS: every call decodes
-all of them), and batch 1 with 4 beams (the paper's decoding; ``graph_reused`` is greedy only); the quick scope
+all of them), and batch 1 with 4 beams (the paper's decoding); the quick scope
 (``TCOPILOT_BENCH_SCOPE=quick``, what ``gpu_check.sh`` runs) keeps batch 1 with Copilots of 0 and 16 layers.
 CPU: a tiny Llama (hidden 64, 2 layers, V=2000), Copilots of 0 and 2 layers, batch 1, 16 tokens, greedy and 4
 beams.
@@ -67,8 +68,6 @@ def _cases():
         for layers in LAYERS[gpu]:  # outer: one Copilot in memory at a time
             for loop in loops:
                 for provider in PROVIDERS[gpu]:
-                    if provider == "graph_reused" and loop.beams > 1:
-                        continue  # GraphDecoder decodes with num_beams=1
                     cid = f"{cfg.name}-copilot{layers}-B{loop.batch}-{loop.mode}-{provider}"
                     # quick scope (gpu_check.sh): batch 1, the Pilot alone and the paper's 1B + 1B pair
                     full = gpu and (loop.batch != 1 or layers not in (0, 16))
@@ -111,7 +110,8 @@ def test_generate_loop(benchmark, cfg, layers: int, loop: Loop, provider: str):
     decoder = None
     if provider == "graph_reused":
         decoder = GraphDecoder(model, batch_size=loop.batch, prompt_length=loop.prompt,
-                               max_new_tokens=loop.new_tokens, lam=lam, temperature=0.0)  # fmt: skip
+                               max_new_tokens=loop.new_tokens, lam=lam, temperature=0.0,
+                               num_beams=loop.beams)  # fmt: skip
 
     def fn():
         if provider == "static":

@@ -73,7 +73,9 @@ class _BeamState:
     Eager (``static=False``) the step index is a Python int and the state is rebound, exactly HF's arithmetic.
     ``static`` (CUDA-graph decoding): the step index is a device counter, the per-step divisors come from tables
     indexed on the device, every update is written in place into fixed buffers, and once a step finds every row
-    done the state is frozen (later steps, run before the host notices, leave it as it was).
+    done the state is frozen (later steps, run before the host notices, leave it as it was). :meth:`reset` starts
+    a new search in the same buffers (:class:`tcopilot.GraphDecoder`'s later calls replay the step captured at its
+    first).
     """
 
     def __init__(self, dec, bsz, k, steps, eos_ids, pad_token_id, lam, fusion, length_penalty, early_stopping,
@@ -81,34 +83,53 @@ class _BeamState:
         device = dec.h.device
         self.dec, self.bsz, self.k, self.steps, self.static = dec, bsz, k, steps, static
         self.lam, self.fusion, self.length_penalty, self.early_stopping = lam, fusion, length_penalty, early_stopping
+        self.pad = pad_token_id
         # HF's candidate count: among the top (1 + #eos) * k, at least k do not hit EOS (a beam has at most #eos EOS
         # tokens). It is clamped to the k * V candidates that exist at the first step (an EOS list as long as the
         # vocabulary, or with repeated ids, asks for more; topk would fail): all of them are then kept, which
         # includes every non-hitting one, so the choice is the one an unbounded count would make. Where the count
         # fits (every case HF runs), nothing changes.
         self.n_keep = max(2, 1 + len(eos_ids)) * k
+        self.top_k_mask = None  # the first score() makes it, once: a captured step reads that tensor at every call
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         self.offsets = (torch.arange(bsz, device=device) * k)[:, None]
-        self.run_seq = torch.full((bsz, k, steps), pad_token_id, dtype=torch.long, device=device)
-        self.run_scores = torch.zeros((bsz, k), dtype=torch.float32, device=device)
-        self.run_scores[:, 1:] = _NEG
-        self.fin_seq = self.run_seq.clone()
-        self.fin_scores = torch.full((bsz, k), _NEG, dtype=torch.float32, device=device)
-        self.fin_valid = torch.zeros((bsz, k), dtype=torch.bool, device=device)
-        self.fin_len = torch.zeros((bsz, k), dtype=torch.long, device=device)
-        self.unsatisfied = torch.ones((bsz, 1), dtype=torch.bool, device=device)
-        self.run_src = torch.zeros((bsz, k), dtype=torch.long, device=device)
-        self.run_tok = torch.zeros((bsz, k), dtype=torch.long, device=device)
-        self.rows_done = None  # eager: which rows are done after the last step
+        self.run_seq = torch.empty((bsz, k, steps), dtype=torch.long, device=device)
+        self.run_scores = torch.empty((bsz, k), dtype=torch.float32, device=device)
+        self.fin_seq = torch.empty_like(self.run_seq)
+        self.fin_scores = torch.empty((bsz, k), dtype=torch.float32, device=device)
+        self.fin_valid = torch.empty((bsz, k), dtype=torch.bool, device=device)
+        self.fin_len = torch.empty((bsz, k), dtype=torch.long, device=device)
+        self.unsatisfied = torch.empty((bsz, 1), dtype=torch.bool, device=device)
+        self.run_src = torch.empty((bsz, k), dtype=torch.long, device=device)
+        self.run_tok = torch.empty((bsz, k), dtype=torch.long, device=device)
         self.generator = None  # (the interface graph_decode's capture helpers read: step(), done, generator)
         if static:
-            self.t = torch.zeros(1, dtype=torch.long, device=device)
-            self.done = torch.zeros(steps, dtype=torch.bool, device=device)  # step t: every row done
+            self.t = torch.empty(1, dtype=torch.long, device=device)
+            self.done = torch.empty(steps, dtype=torch.bool, device=device)  # step t: every row done
             # float32 divisors of Python's float64 powers: what `tensor / python_float` divides by
             self.fin_div = torch.tensor([(t + 1) ** length_penalty for t in range(steps)], dtype=torch.float32,
                                         device=device)  # fmt: skip
             self.live_div = torch.tensor([self._hyp_len(t) ** length_penalty for t in range(steps)],
                                          dtype=torch.float32, device=device)  # fmt: skip
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new search (same shapes: the decoder refilled with new prompts) by rewriting every buffer in place,
+        so that a step captured in a CUDA graph reads the new search at its next replay."""
+        self.run_seq.fill_(self.pad)
+        self.run_scores.zero_()
+        self.run_scores[:, 1:] = _NEG
+        self.fin_seq.fill_(self.pad)
+        self.fin_scores.fill_(_NEG)
+        self.fin_valid.zero_()
+        self.fin_len.zero_()
+        self.unsatisfied.fill_(True)
+        self.run_src.zero_()
+        self.run_tok.zero_()
+        self.rows_done = None  # eager: which rows are done after the last step
+        if self.static:
+            self.t.zero_()
+            self.done.zero_()
 
     def _hyp_len(self, t: int) -> int:
         return self.steps if (self.early_stopping == "never" and self.length_penalty > 0.0) else t + 1
@@ -129,7 +150,7 @@ class _BeamState:
         logp = beam_log_probs(self.dec.z, self.dec.copilot_out(), self.lam, self.fusion)
         vocab = logp.shape[-1]
         cand = (logp.view(bsz, k, vocab) + self.run_scores[:, :, None]).view(bsz, k * vocab)
-        if t == 0:
+        if self.top_k_mask is None:
             self.n_keep = min(self.n_keep, k * vocab)
             self.top_k_mask = torch.arange(self.n_keep, device=cand.device) < k
         top_scores, top_idx = torch.topk(cand, self.n_keep, dim=-1)
@@ -183,6 +204,9 @@ class _BeamState:
 
     def advance(self) -> None:
         """Reorder both models' state with the live beams and feed their last tokens."""
+        # The feed recomputes the logits: reordering the old ones would only read a buffer dropped right after
+        # (in a captured step, one allocated outside the graph, stale at every replay).
+        self.dec._z = None
         self.dec.reorder((self.run_src + self.offsets).reshape(-1))
         self.dec.advance(self.run_tok.reshape(-1))
 
@@ -192,10 +216,14 @@ class _BeamState:
         self.score()
 
     def result(self, input_ids: torch.Tensor, last_t: int) -> torch.Tensor:
-        best_seq, best_len = self.fin_seq[:, 0], self.fin_len[:, 0]
-        usable = self.fin_valid[:, 0] & torch.isfinite(self.fin_scores[:, 0])
+        """``input_ids`` followed by each row's best hypothesis, cut to the longest (``last_t``: the last step run).
+        ``input_ids`` may hold fewer rows than the search (a GraphDecoder's batch completed with copies of its first
+        row): the result and its length are those of its rows only."""
+        rows = input_ids.shape[0]
+        best_seq, best_len = self.fin_seq[:rows, 0], self.fin_len[:rows, 0]
+        usable = self.fin_valid[:rows, 0] & torch.isfinite(self.fin_scores[:rows, 0])
         if not bool(usable.all()):  # only -inf hypotheses: take the best live beam (module docstring)
-            best_seq = torch.where(usable[:, None], best_seq, self.run_seq[:, 0])
+            best_seq = torch.where(usable[:, None], best_seq, self.run_seq[:rows, 0])
             best_len = torch.where(usable, best_len, torch.full_like(best_len, last_t + 1))
         new = int(best_len.max())
         return torch.cat([input_ids, best_seq[:, :new]], dim=1)

@@ -63,17 +63,31 @@ def _load_cfg(run_dir: str):
     return cfg
 
 
+def _check_num_beams(args) -> None:
+    """``--num-beams`` (and, for ``generate``, its conflict with sampling), refused before any model is loaded."""
+    if args.num_beams is not None and args.num_beams < 1:
+        raise SystemExit(f"--num-beams: expected an int >= 1, got {args.num_beams}")
+    if (args.num_beams or 1) > 1 and getattr(args, "temperature", 0.0) > 0:
+        raise SystemExit(
+            f"--num-beams {args.num_beams} and --temperature {args.temperature}: beam search does not sample; use "
+            "--temperature 0 with beams, or --num-beams 1 to sample"
+        )
+
+
 def _eval(args) -> int:
     from tcopilot.copilot import param_count
     from tcopilot.data.arithmetic import generate_arithmetic
     from tcopilot.data.tokenizer import WordTokenizer
     from tcopilot.experiment import evaluation_grid, load_run_model, write_report
 
+    _check_num_beams(args)
     cfg = _load_cfg(args.run_dir)
     cfg.device = args.device  # where this evaluation runs, whatever the training used
     if args.lam:
         cfg.lams = tuple(args.lam)
     cfg.eval_cuda_graph = args.cuda_graph
+    if args.num_beams is not None:
+        cfg.eval_num_beams = args.num_beams
     tok = WordTokenizer.load(os.path.join(args.run_dir, "tokenizer.json"))
     test = generate_arithmetic(args.n_test or cfg.n_test, split="test", seed=cfg.seed + 1)
     cfg.n_test = len(test)
@@ -92,6 +106,7 @@ def _generate(args) -> int:
     from tcopilot.data.tokenizer import WordTokenizer
     from tcopilot.experiment import load_run_model
 
+    _check_num_beams(args)
     cfg = _load_cfg(args.run_dir)
     tok = WordTokenizer.load(os.path.join(args.run_dir, "tokenizer.json"))
     model = load_run_model(os.path.join(args.run_dir, "joint"), args.device)
@@ -101,7 +116,8 @@ def _generate(args) -> int:
     gen = torch.Generator(dev).manual_seed(args.seed)
     out = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=args.max_new_tokens, lam=args.lam,
                          fusion=args.fusion, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen)
+                         num_beams=args.num_beams, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         generator=gen)  # fmt: skip
     for p, row in zip(args.prompt, out[:, ids.shape[1]:].cpu().tolist()):
         if tok.eos_token_id in row:
             row = row[: row.index(tok.eos_token_id)]
@@ -166,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--cuda-graph", action="store_true",
                    help="decode with one captured CUDA graph per setting (tcopilot.GraphDecoder; CUDA only)")
+    e.add_argument("--num-beams", type=int, default=None, metavar="K",
+                   help="beam search with K beams (the paper evaluates with 4); default: the run's eval_num_beams "
+                        "(1, greedy)")
     e.set_defaults(fn=_eval)
 
     g = sub.add_parser("generate", help="answer prompts with the Pilot + Copilot of a run directory")
@@ -176,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=1, metavar="K",
+                   help="beam search with K beams (greedy beams: needs --temperature 0)")
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=DEVICE_HELP)

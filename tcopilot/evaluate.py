@@ -7,7 +7,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from tcopilot._validation import check_bool
+from tcopilot._validation import check_bool, check_int
 from tcopilot.data.prompts import encode_prompts
 from tcopilot.data.scoring import is_correct
 from tcopilot.generate import generate
@@ -28,17 +28,23 @@ def evaluate_accuracy(
     progress: bool = False,
     desc: str = "eval",
     cuda_graph: bool = False,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> dict:
-    """Greedy-decode every example and score it by exact numeric match with ``example["answer"]``.
+    """Decode every example (greedily, or with a beam search) and score it by exact numeric match with
+    ``example["answer"]``.
 
+    ``num_beams`` / ``length_penalty``: :func:`tcopilot.generate`'s (``num_beams=1``: greedy decoding; > 1: beam
+    search, what the paper evaluates with, 4 beams; ``length_penalty`` counts with beams only).
     ``cuda_graph``: decode every batch with one :class:`tcopilot.GraphDecoder` (CUDA only; sized for the
-    longest prompt, captured at the first batch and replayed for all: the same tokens as without it).
+    longest prompt, captured at the first batch and replayed for all, beams too: the same tokens as without it).
 
     Returns ``accuracy``, ``correct`` (per example booleans, for paired tests), ``predictions`` (text),
     ``new_tokens`` and ``tokens_per_s`` (generated tokens per second of decode wall time, batch included;
-    with ``cuda_graph`` the capture too).
+    with ``cuda_graph`` the capture too; with beams, the tokens of the returned hypotheses).
     """
     cuda_graph = check_bool("cuda_graph", cuda_graph)
+    num_beams = check_int("num_beams", num_beams, low=1, what="an int >= 1")  # checked even without examples
     model.eval()
     preds, correct = [], []
     n_tokens, seconds = 0, 0.0
@@ -46,7 +52,7 @@ def evaluate_accuracy(
     encoded = [encode_prompts(tokenizer, chunk, style=style, padding_side="left") for chunk in chunks]
     dev = next(model.pilot.parameters()).device
     options = dict(max_new_tokens=max_new_tokens, lam=lam, fusion=fusion, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                   pad_token_id=tokenizer.pad_token_id, num_beams=num_beams, length_penalty=length_penalty)  # fmt: skip
     decoder = None
     if cuda_graph and encoded:
         decoder = GraphDecoder(model, batch_size=max(ids.shape[0] for ids, _ in encoded),

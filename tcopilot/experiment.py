@@ -52,6 +52,7 @@ class ExperimentConfig:
     max_new_tokens: int = 40
     eval_batch_size: int = 100
     eval_cuda_graph: bool = False  # decode the evaluation with one tcopilot.GraphDecoder per setting (CUDA only)
+    eval_num_beams: int = 1  # 1: greedy evaluation; > 1: beam search (the paper evaluates with 4 beams)
     lams: tuple = (0.5, 1.0)
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"; see resolve_device
     train: TrainConfig = field(
@@ -156,7 +157,7 @@ def load_run_model(model_dir: str, device: str | torch.device = "cpu") -> Transf
 
 def evaluation_grid(cfg: ExperimentConfig, pilot_only, joint, tok, test, progress: bool) -> list[dict]:
     kw = dict(style=cfg.style, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=progress,
-              cuda_graph=cfg.eval_cuda_graph)  # fmt: skip
+              cuda_graph=cfg.eval_cuda_graph, num_beams=cfg.eval_num_beams)  # fmt: skip
     rows = [
         {
             "system": "Pilot alone (trained without Copilot)",
@@ -212,7 +213,8 @@ def write_report(cfg: ExperimentConfig, rows, times, sizes, wall: float) -> str:
         f"Wall time of the whole job: {wall:.0f} s.",
         "",
         f"Task: generated arithmetic word problems (train {cfg.n_train} items from the train templates, "
-        f"test {cfg.n_test} items from held-out templates), exact match of the final number, greedy decoding.",
+        f"test {cfg.n_test} items from held-out templates), exact match of the final number, "
+        + ("greedy decoding." if cfg.eval_num_beams == 1 else f"beam search with {cfg.eval_num_beams} beams."),
         f"Pilot: Llama-style, {cfg.pilot_layers} layers, width {cfg.pilot_hidden}, {sizes['pilot']:,} parameters. "
         f"Copilot: {cfg.copilot_layers} layers, width {cfg.pilot_hidden}, {sizes['copilot']:,} parameters. "
         f"{cfg.train.steps} steps of batch {cfg.train.batch_size}, seed {cfg.seed}, same data order for both runs.",

@@ -28,8 +28,8 @@ Beam search (``generate(num_beams=k, cuda_graph=True)``) runs the same capture a
 
 :class:`GraphDecoder` keeps the decoder, the loop state and the graph for many calls: a later call refills the
 same buffers (``_PairDecoder.prefill(refill=True)``: the Pilot's ``StaticCache`` and the Copilot's static caches
-reset in place, the mask, positions, ``h``, ``g`` and the fed-back product copied in; ``_StaticLoop.reset``) and
-replays the graph captured at the first call.
+reset in place, the mask, positions, ``h``, ``g`` and the fed-back product copied in; ``_StaticLoop.reset``, or
+``_BeamState.reset`` with beams) and replays the graph captured at the first call.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from tcopilot._validation import IMPLS, check_choice, check_finite, check_int
+from tcopilot.beam_search import _BeamState
 from tcopilot.generate import (
     _check_prompts,
     _check_static_cache_family,
@@ -224,9 +225,14 @@ class GraphDecoder:
     prompts shorter than ``prompt_length`` are left-padded inside (a left-padded prompt decodes as itself),
     and a batch smaller than ``batch_size`` is completed with copies of its first row, decoded and dropped.
 
-    The decoding options (``generate``'s names; ``num_beams=1``) are fixed at construction: they are constants
-    of the graph. Sampling takes a ``seed`` per call (an int; counter-based draws as ``generate(seed=)``,
-    default: one drawn from torch's default CPU generator, so ``torch.manual_seed`` makes runs reproducible).
+    The decoding options (``generate``'s names) are fixed at construction: they are constants of the graph.
+    Sampling takes a ``seed`` per call (an int; counter-based draws as ``generate(seed=)``, default: one drawn
+    from torch's default CPU generator, so ``torch.manual_seed`` makes runs reproducible). ``num_beams > 1``
+    (the paper evaluates with 4): beam search as ``generate(num_beams=k)`` (greedy beams, ``length_penalty`` and
+    ``early_stopping`` as there; beam sampling raises a ValueError, as in ``generate``): the caches hold
+    ``batch_size * num_beams`` rows, the search's bookkeeping lives on the device
+    (:class:`tcopilot.beam_search._BeamState`, reset in place at every call) and its step is the graph; the
+    beams score in PyTorch whatever ``impl``.
 
     The graph replays the model as it was at the first call, through the addresses of its parameters: in-place
     updates of the weights (an optimizer step, ``load_state_dict``) are seen (the Copilot's fed-back product
@@ -239,26 +245,27 @@ class GraphDecoder:
 
     Example:
         >>> dec = GraphDecoder(model, batch_size=64, prompt_length=256, max_new_tokens=48, lam=1.0,
-        ...                    eos_token_id=tok.eos_token_id)
+        ...                    eos_token_id=tok.eos_token_id, num_beams=4)
         >>> for ids, mask in batches:
-        ...     out = dec.generate(ids, attention_mask=mask)   # [B, L + new], as generate(...)
+        ...     out = dec.generate(ids, attention_mask=mask)   # [B, L + new], as generate(..., num_beams=4)
     """
 
     def __init__(self, model, *, batch_size: int, prompt_length: int, max_new_tokens: int | None = None,
                  lam: float = 1.0, fusion: str = "probs", do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, pad_token_id: int | None = None, generation_config=None,
-                 impl: str = "auto") -> None:  # fmt: skip
+                 num_beams: int | None = None, length_penalty: float | None = None,
+                 early_stopping: bool | str | None = None, eos_token_id=None, pad_token_id: int | None = None,
+                 generation_config=None, impl: str = "auto") -> None:  # fmt: skip
         self.batch_size = check_int("batch_size", batch_size, low=1, what="an int >= 1")
         self.prompt_length = check_int("prompt_length", prompt_length, low=1, what="an int >= 1")
+        # generate()'s rules, beam sampling refused included
         o = resolve_generation_options(
             self.prompt_length, generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, num_beams=None, length_penalty=None,
-            early_stopping=None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+            early_stopping=early_stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )
-        if o["num_beams"] != 1:
-            raise ValueError(f"generation_config: GraphDecoder decodes with num_beams=1, got {o['num_beams']}")
-        self.max_new_tokens = o["max_new_tokens"]
+        self.max_new_tokens, self.num_beams = o["max_new_tokens"], o["num_beams"]
+        self.length_penalty, self.early_stopping = o["length_penalty"], o["early_stopping"]
         self.eos_ids, self.pad_token_id = o["eos_token_ids"], o["pad_token_id"]
         _check_token_ids(model, self.eos_ids, self.pad_token_id)
         self.lam = check_finite("lam", lam)
@@ -272,6 +279,7 @@ class GraphDecoder:
         _require_model_on_cuda(self.device)
         _check_static_cache_family(pilot_backbone(model.pilot))
         self.use_copilot = _uses_copilot(model, self.lam)
+        # _loop: the state the captured step runs, a _StaticLoop (num_beams=1) or a static _BeamState
         self._dec = self._loop = self._graph = self._params = None
         self.warmup, self.check_every = 2, 8
         self.capture = self.device.type == "cuda"
@@ -311,16 +319,19 @@ class GraphDecoder:
         check_token_ids(self.model.pilot, input_ids)
         if seed is not None:
             if not self.sampling:
-                raise ValueError("seed: this GraphDecoder decodes greedily (no draws), got a seed")
+                how = "decodes greedily" if self.num_beams == 1 else f"searches {self.num_beams} beams"
+                raise ValueError(f"seed: this GraphDecoder {how} (no draws), got a seed")
             seed = check_int("seed", seed, what="an int in [-2**63, 2**63)")
         elif self.sampling:
             seed = int(torch.randint(-(2**62), 2**62, ()))
         if self.max_new_tokens == 0:
             return input_ids
         ids, mask = self._pad(input_ids, mask)
+        if self.num_beams > 1:  # every prompt row repeated num_beams times, as beam_search prefills
+            ids, mask = ids.repeat_interleave(self.num_beams, dim=0), mask.repeat_interleave(self.num_beams, dim=0)
         with pilot_states(self.model.pilot) as states:
             if self._dec is None:
-                out, new = self._first_call(states, ids, mask, seed)
+                new = self._first_call(states, ids, mask, seed)
             else:
                 if self._fingerprint() != self._params:
                     raise ValueError(
@@ -330,24 +341,36 @@ class GraphDecoder:
                 dec, loop = self._dec, self._loop
                 dec.states = states
                 dec.prefill(ids, mask, self.max_new_tokens, refill=True)
-                loop.reset(ids, seed)
-                loop.choose()
+                if self.num_beams > 1:
+                    loop.reset()
+                    loop.score(0)
+                else:
+                    loop.reset(ids, seed)
+                    loop.choose()
                 new = _run(loop, self.max_new_tokens, 1, self._graph, self.check_every)
-                out = loop.out
-        return self._cut(out, rows, length, new)
+        if self.num_beams > 1:
+            # the real rows' best hypotheses after their own prompts, cut to their longest (a new tensor)
+            return self._loop.result(input_ids, new - 1)
+        return self._cut(self._loop.out, rows, length, new)
 
-    def _first_call(self, states, ids, mask, seed):
+    def _first_call(self, states, ids, mask, seed) -> int:
         dec = _PairDecoder(self.model, states, self.use_copilot, static=True)
         dec.prefill(ids, mask, self.max_new_tokens)
         if self.capture:
             _check_capturable(self.model, dec, None)
-        loop = _StaticLoop(self.model, dec, ids, self.max_new_tokens, self.lam, self.fusion, self.temperature,
-                           self.top_k, self.top_p, (None, seed), self.impl, self.eos_ids, self.pad_token_id)
-        loop.choose()
+        if self.num_beams > 1:
+            loop = _BeamState(dec, self.batch_size, self.num_beams, self.max_new_tokens, self.eos_ids,
+                              self.pad_token_id, self.lam if self.use_copilot else 0.0, self.fusion,
+                              self.length_penalty, self.early_stopping, static=True)  # fmt: skip
+            loop.score(0)
+        else:
+            loop = _StaticLoop(self.model, dec, ids, self.max_new_tokens, self.lam, self.fusion, self.temperature,
+                               self.top_k, self.top_p, (None, seed), self.impl, self.eos_ids, self.pad_token_id)
+            loop.choose()
         new, graph = _after_first_token(loop, self.max_new_tokens, self.device, capture=self.capture,
                                         warmup=self.warmup, check_every=self.check_every, keep_graph=True)
         self._dec, self._loop, self._graph, self._params = dec, loop, graph, self._fingerprint()
-        return loop.out, new
+        return new
 
     def _cut(self, out: torch.Tensor, rows: int, in_length: int, new: int) -> torch.Tensor:
         """The real rows, without the inner left padding, cut where :func:`generate` stops for them."""

@@ -217,3 +217,31 @@ def test_eos_lists_longer_than_the_candidates():
     once = model.generate(ids, eos_token_id=eos, **kw)
     assert torch.equal(model.generate(ids, eos_token_id=[eos] * 200, **kw), once)
     assert (once[:, L:] == eos).any(), "no hypothesis hit EOS: the comparison is vacuous"
+
+
+def test_static_beam_state_reset_rewrites_every_buffer_in_place():
+    """``_BeamState.reset`` (a GraphDecoder's later call): every tensor of the search back to a fresh one's values,
+    at the addresses a captured step reads."""
+    from tcopilot.beam_search import _BeamState
+    from tcopilot.generate import _PairDecoder
+
+    model = tiny_pair("llama")
+    ids, mask = _prompts()
+    k, steps = 2, 5
+    with torch.no_grad(), pilot_states(model.pilot) as states:
+        dec = _PairDecoder(model, states, True, static=True)
+        dec.prefill(ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), steps)
+        options = (dec, ids.shape[0], k, steps, [3, 5], PAD, 1.0, "probs", 1.0, False)
+        fresh = {n: v.clone() for n, v in vars(_BeamState(*options, static=True)).items()
+                 if isinstance(v, torch.Tensor)}  # fmt: skip
+        search = _BeamState(*options, static=True)
+        search.score(0)
+        for _ in range(3):
+            search.step()
+        used = {n: getattr(search, n) for n in fresh}
+        changed = [n for n in fresh if not torch.equal(used[n], fresh[n])]
+        assert {"run_seq", "run_scores", "fin_seq", "t", "run_src", "run_tok"} <= set(changed), changed
+        search.reset()
+    for n, value in fresh.items():
+        assert getattr(search, n) is used[n], f"{n}: reset replaced the buffer"
+        assert torch.equal(used[n], value), f"{n}: reset left a value of the last search"

@@ -15,7 +15,6 @@ GPU-only tests capture and replay for real and compare with eager decoding.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -24,7 +23,7 @@ if not _HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / the kernels
 
 import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from decode_audit import StepAudit  # noqa: E402
 
 from tcopilot.beam_search import beam_search  # noqa: E402
 from tcopilot.generate import _PairDecoder, generate, resolve_generation_options  # noqa: E402
@@ -139,57 +138,13 @@ def test_generate_and_generate_settings_with_cuda_graph_equal_eager_decoding(sta
 # ------------------------------------------------------------------------------------------ capturability
 
 
-_HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique")
-
-
-class _StepAudit(TorchDispatchMode):
-    """Records every aten op with its tensor shapes, and every host read of a tensor's values."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.host_reads = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if any(r in name for r in _HOST_READS):
-            self.host_reads.append(name)
-        self.ops.append((name, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
-        return func(*args, **(kwargs or {}))
-
-
-def _outside_triton_interpreter() -> bool:
-    # The interpreter runs kernels on the host: its own copies to numpy are not a GPU launch's.
-    frame = sys._getframe(2)
-    while frame is not None:
-        if f"{os.sep}triton{os.sep}" in frame.f_code.co_filename:
-            return False
-        frame = frame.f_back
-    return True
-
-
-@pytest.fixture
-def host_copies(monkeypatch):
-    """``.tolist()`` / ``.numpy()`` calls outside the Triton interpreter (they do not dispatch an aten op)."""
-    seen = []
-    for name in ("tolist", "numpy"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _original=original, _name=name, **k):
-            if _outside_triton_interpreter():
-                seen.append(_name)
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    return seen
-
-
 def _assert_capturable(step, host_copies, n: int = 3) -> list:
     """Run ``step`` ``n`` times: no host read or copy of a tensor's values, the same ops on the same shapes each
     time (what a captured graph replays). Returns the first step's ops."""
     host_copies.clear()
     steps = []
     for _ in range(n):
-        with _StepAudit() as audit:
+        with StepAudit() as audit:
             step()
         steps.append(audit)
     assert not host_copies, f"a step copies tensor values to the host: {host_copies}"
