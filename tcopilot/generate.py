@@ -587,8 +587,9 @@ def generate(
             the caches reordered in place; :func:`tcopilot.beam_search.beam_search` with ``static=True``). Each
             call captures its own graph (a few eager warm-up steps first), so it pays off from a few dozen new
             tokens on; :class:`tcopilot.GraphDecoder` keeps one graph for many calls (greedy, sampling or beams).
-            Both caches hold ``L + max_new_tokens`` positions from the start, and the Pilot's attention reads all of them at every step (HF's static
-            cache), so a ``max_new_tokens`` far beyond what is generated costs bandwidth.
+            Both caches hold ``L + max_new_tokens`` positions from the start, and the Pilot's attention reads all
+            of them at every step (HF's static cache), so a ``max_new_tokens`` far beyond what is generated costs
+            bandwidth.
 
     Raises:
         ValueError: naming the option, for bad shapes (``input_ids``, ``attention_mask``), ``input_ids`` that are
