@@ -46,7 +46,12 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict], dict]:
     rows: OrderedDict[tuple, dict] = OrderedDict()
     others, meta = [], {}
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:  # cut short while written (a stage killed at its deadline)
+            print(f"report.py: skipping {path}, not valid JSON ({err})")
+            others.append({"name": str(path), "median": None, "note": f"not valid JSON, skipped: {err}"})
+            continue
         if not meta:
             meta = {
                 "datetime": data.get("datetime", ""),

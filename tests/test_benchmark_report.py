@@ -72,3 +72,16 @@ def test_the_eager_provider_is_the_baseline_where_a_group_has_no_naive_one():
     text = "\n".join(report.op_section("generate", groups, None))
     assert "| eager | 600 |" in text and "| 1.00x |" in text  # the baseline against itself
     assert "| graph | 200 |" in text and "| 3.00x |" in text
+
+
+def test_a_json_file_cut_short_is_skipped_with_a_note(tmp_path, capsys):
+    # gpu_check.sh kills the benchmark stage 20 s after its deadline's SIGINT: a JSON file can be cut mid-write.
+    good = tmp_path / "good.json"
+    good.write_text('{"benchmarks": [{"name": "test_x", "extra_info": {}, "stats": {"median": 0.002}}]}')
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"benchmarks": [{"name": "test_y", "extra_info": {"op": "log_att')
+    out = tmp_path / "report.md"
+    assert report.main([str(cut), str(good), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "not valid JSON, skipped" in text and "test_x" in text
+    assert "skipping" in capsys.readouterr().out

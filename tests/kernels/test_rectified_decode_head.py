@@ -41,10 +41,19 @@ def test_greedy_no_bias_small_tiles_and_ties(impl):
     h, w, gc, a, _ = _inputs(bias=False, V=130)
     assert torch.equal(rectified_decode_head(h, w, gc, a, None, fusion="logits", impl=impl),
                        rectified_decode_head_reference(h, w, gc, a, None, fusion="logits"))
-    # duplicated vocabulary rows tie exactly: the lowest id wins, across tiles too
+    # duplicated vocabulary rows tie exactly: the lowest id wins, across tiles too. Small dyadic values keep every
+    # product exact: with random floats the two copies' logits can differ in the last bit, because a CPU GEMM's
+    # summation order may depend on where a row sits in its tile (seen on AMD EPYC).
+    g = torch.Generator().manual_seed(3)
+
+    def ints(*shape):
+        return torch.randint(-4, 5, shape, generator=g).float()
+
+    h, w, gc, a = ints(5, 24), ints(130, 24) / 4, ints(5, 40), ints(130, 40) / 64
     w2, a2 = torch.cat([w, w]), torch.cat([a, a])
     out = rectified_decode_head(h, w2, gc, a2, None, fusion="logits", impl=impl)
-    assert torch.equal(out, rectified_decode_head_reference(h, w, gc, a, None, fusion="logits"))
+    want = rectified_decode_head_reference(h, w, gc, a, None, fusion="logits")
+    assert torch.equal(out, want) and (want < 130).all()
 
 
 def test_products_large_softcap_keep_fp32_accuracy():

@@ -510,11 +510,12 @@ def _launch_defaults(device: torch.device, tuning: CaptureTuning):
 
 
 def _params(softcap, label_smoothing, z_loss, dtype, device) -> torch.Tensor:
-    return torch.tensor(
-        [1.0 if softcap is None else float(softcap), float(label_smoothing), float(z_loss)],
-        dtype=dtype,
-        device=device,
-    )
+    # Filled in on the device: torch.tensor([...], device=cuda) copies from pageable host memory, a copy that
+    # waits for the device (one synchronisation per forward and per backward).
+    params = torch.empty(3, dtype=dtype, device=device)
+    for i, value in enumerate((1.0 if softcap is None else float(softcap), float(label_smoothing), float(z_loss))):
+        params[i].fill_(value)
+    return params
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
 _ROUNDS = 10
-_TO_UNIT = torch.tensor(4.6566127342e-10, dtype=torch.float32)  # Triton's scale: max int32 * scale < 1
+# Triton's scale (max int32 * scale < 1), as a Python number: a tensor would be a host-to-device copy at every
+# draw, which blocks and which CUDA-graph capture refuses. (fp32 tensor * Python float multiplies by the
+# float rounded to fp32, what Triton's constant is.)
+_TO_UNIT = 4.6566127342e-10
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +61,7 @@ def philox_uniforms(seed: int | torch.Tensor, batch: int, vocab: int, device: to
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
     x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # the word as int32
     x = torch.where(x < 0, -x - 1, x)  # ~x
-    return x.to(torch.float32) * _TO_UNIT.to(device)
+    return x.to(torch.float32) * _TO_UNIT
 
 
 __all__ = ["philox_uniforms"]
