@@ -30,6 +30,9 @@ Environment variables:
 ``TCOPILOT_PROFILE``      ``1`` (or pytest's ``--profile``): after timing, run one more step under
                           ``torch.profiler`` and write a Chrome trace and a per-kernel table to the results folder.
 ``TCOPILOT_RESULTS_DIR``  where profiles go (default ``benchmarks/results``).
+``TCOPILOT_BENCH_JSONL``  a file that every finished case appends its pytest-benchmark record to, one JSON line
+                          each (``conftest.py``): what survives a run killed before pytest writes its
+                          ``--benchmark-json`` (``gpu_check.sh`` sets it; ``report.py`` reads it).
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def env_info() -> dict:
         "cuda": torch.version.cuda or "",
         "python": platform.python_version(),
         "scope": SCOPE,
+        # log_attention's training kernels: autotuned (the default) or each kernel's table entry
+        "autotune": os.environ.get("TCOPILOT_AUTOTUNE", "1") != "0",
     }
     try:
         import triton

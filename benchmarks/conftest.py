@@ -6,10 +6,14 @@
   calls) after all others, so a time-limited GPU run (``gpu_check.sh``) loses them first.
 * Prints the device, versions and scope in the session header.
 * ``--profile``: the kernel-profile mode, the same as ``TCOPILOT_PROFILE=1`` (``benchutil.py``).
+* ``TCOPILOT_BENCH_JSONL=path``: each finished case's record is appended to ``path`` as one JSON line at once,
+  so a run killed before pytest-benchmark writes its JSON at the session's end still leaves its results.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,3 +63,18 @@ def pytest_report_header(config):
         f"tcopilot benchmarks: device {info['device']} ({info['device_name']}), torch {info['torch']}, "
         f"triton {info['triton'] or '-'}, cuda {info['cuda'] or '-'}, scope {info['scope']}"
     )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    yield
+    path = os.environ.get("TCOPILOT_BENCH_JSONL")
+    if not path or call.when != "call":
+        return
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    stats = getattr(fixture, "stats", None)  # None: skipped, or failed before timing anything
+    if stats is None:
+        return
+    record = stats.as_dict(include_data=False)  # the shape of one entry of --benchmark-json's "benchmarks"
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")

@@ -13,7 +13,8 @@
 #   4. GPU-only tests: pytest -m gpu -q --maxfail 10 -> $OUT/gpu_tests.log            (GPU_TESTS_TIMEOUT_S, 240 s)
 #      (not -x: one failing test must not hide the others in the one run a lent GPU allows; kernels first;
 #      TCOPILOT_AUTOTUNE=0: each kernel's table configuration, no autotune compilations)
-#   5. benchmarks, quick scope, files in priority order -> $OUT/bench.json, $OUT/bench.log (what is left - 25 s)
+#   5. benchmarks, quick scope, files in priority order -> $OUT/bench.json, $OUT/bench.log (what is left - 25 s),
+#      and $OUT/bench-cases.jsonl (each finished case at once: the report's source if bench.json is lost)
 #      Stopped with SIGINT at its deadline: pytest then still writes the JSON of every finished benchmark.
 #      Cases with long compilations (torch.compile, FlexAttention) run last, so they are what a deadline cuts.
 #   6. report.py                                    -> $OUT/<card>-<date>.md and .csv, plus this run's log
@@ -119,20 +120,32 @@ stage gpu_tests "$T" "$OUT/gpu_tests.log" env TCOPILOT_AUTOTUNE=0 "$PY" -m pytes
 # loss against liger / cut-cross-entropy (#3), the attention against SDPA / FlexAttention (#4), the sampler and
 # decode head (#5), the end-to-end step (#7), whole decoding loops (#5). bench_late cases (torch.compile,
 # FlexAttention) still run after all of these. Timed rounds are cut to about TCOPILOT_BENCH_TARGET_S seconds
-# a case (0.3 here, instead of 1 s on a GPU): several hundred cases share a few minutes.
+# a case (0.3 here, instead of 1 s on a GPU): several hundred cases share a few minutes. TCOPILOT_AUTOTUNE=0 (as
+# in the tests, whose compiled table configurations Triton's cache then serves): log_attention's autotuning
+# would compile and time up to 6 candidates per kernel and head dim (~30-40 s); the report says it was off.
 BENCH_FILES="benchmarks/bench_logit_capture_speed.py benchmarks/bench_log_attention.py
   benchmarks/bench_rectified_next_token.py benchmarks/bench_e2e.py benchmarks/bench_graph_decode.py"
 for f in benchmarks/bench_*.py; do  # a bench file not in the list above still runs, after them
   case " $(echo $BENCH_FILES) " in *" $f "*) ;; *) BENCH_FILES="$BENCH_FILES $f" ;; esac
 done
+# Every finished case is also appended to bench-cases.jsonl at once: pytest-benchmark writes bench.json only at
+# the end of the session, which a SIGKILL (20 s after the deadline's SIGINT, if pytest has not stopped) prevents.
+: > "$OUT/bench-cases.jsonl"
+export TCOPILOT_BENCH_JSONL="$OUT/bench-cases.jsonl"
 T=$(( $(left) - REPORT_RESERVE ))
 # shellcheck disable=SC2086  # BENCH_FILES is a list of paths without spaces
 stage benchmarks "$T" "$OUT/bench.log" env TCOPILOT_BENCH_TARGET_S="${TCOPILOT_BENCH_TARGET_S:-0.3}" \
+  TCOPILOT_AUTOTUNE="${TCOPILOT_AUTOTUNE:-0}" \
   "$PY" -m pytest $BENCH_FILES --benchmark-only --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds -q -rs \
   -p no:cacheprovider
 
 # 6. report ---------------------------------------------------------------------------------------------
-stage report 60 "$OUT/report.log" "$PY" benchmarks/report.py "$OUT/bench.json" --out "$REPORT" \
+RESULTS="$OUT/bench.json"
+if ! "$PY" -c "import json, sys; json.load(open(sys.argv[1]))" "$RESULTS" 2> /dev/null; then
+  RESULTS="$OUT/bench-cases.jsonl"  # bench.json missing or cut short: the per-case records
+  echo "bench.json missing or not valid JSON: the report is built from $RESULTS"
+fi
+stage report 60 "$OUT/report.log" "$PY" benchmarks/report.py "$RESULTS" --out "$REPORT" \
   --csv "${REPORT%.md}.csv" --ceilings "$OUT/ceilings.json" --title "tcopilot benchmarks: ${CARD:-unknown}, ${DATE}"
 {
   [ -s "$REPORT" ] || echo "# tcopilot benchmarks: ${CARD:-unknown}, ${DATE} (report.py produced nothing)"

@@ -47,7 +47,17 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict], dict]:
     others, meta = [], {}
     for path in paths:
         try:
-            data = json.loads(Path(path).read_text())
+            if Path(path).suffix == ".jsonl":  # conftest.py's per-case records (TCOPILOT_BENCH_JSONL)
+                lines = Path(path).read_text().splitlines()
+                # a last line cut mid-write is dropped; the others were written whole
+                data = {"benchmarks": [json.loads(line) for line in lines[:-1] if line.strip()]}
+                if lines:
+                    try:
+                        data["benchmarks"].append(json.loads(lines[-1]))
+                    except json.JSONDecodeError:
+                        pass
+            else:
+                data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:  # cut short while written (a stage killed at its deadline)
             print(f"report.py: skipping {path}, not valid JSON ({err})")
             others.append({"name": str(path), "median": None, "note": f"not valid JSON, skipped: {err}"})
@@ -162,6 +172,9 @@ def header_lines(rows: list[dict], meta: dict, ceilings: dict | None, title: str
         f"CUDA {first.get('cuda') or '-'}, transformers {first.get('transformers') or '-'}, "
         f"python {first.get('python', '-')}; scope {first.get('scope', '-')}",
     ]
+    if first.get("autotune") is False and first.get("device") == "cuda":  # (autotuning is CUDA-only)
+        lines.append("- log_attention autotuning off (`TCOPILOT_AUTOTUNE=0`): its kernels ran their table "
+                     "configuration, one of the autotune candidates, so autotuned runs can only match or beat these")
     if ceilings:
         lines.append(
             f"- measured ceilings ({ceilings.get('device_name', '-')}): matmul "
@@ -443,7 +456,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", nargs="+", type=Path, help="pytest-benchmark JSON file(s) (--benchmark-json)")
+    ap.add_argument("results", nargs="+", type=Path,
+                    help="pytest-benchmark JSON file(s) (--benchmark-json), or .jsonl files of per-case records "
+                    "(TCOPILOT_BENCH_JSONL)")
     ap.add_argument("--out", type=Path, help="Markdown report (default: print to stdout)")
     ap.add_argument("--csv", type=Path, help="long-format CSV")
     ap.add_argument("--ceilings", type=Path, help="ceilings.json from ceilings.py (matmul_tflops, copy_gbps)")

@@ -7,6 +7,7 @@ shaped like the benchmarks' ``extra_info``.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -85,3 +86,12 @@ def test_a_json_file_cut_short_is_skipped_with_a_note(tmp_path, capsys):
     text = out.read_text()
     assert "not valid JSON, skipped" in text and "test_x" in text
     assert "skipping" in capsys.readouterr().out
+
+
+def test_per_case_records_make_a_report_when_the_json_is_lost(tmp_path):
+    # TCOPILOT_BENCH_JSONL: one pytest-benchmark record per finished case; a last line cut mid-write is dropped.
+    rec = {"name": "test_x", "group": "g", "extra_info": {}, "stats": {"median": 0.002}}
+    path = tmp_path / "cases.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "name": "test_y"}) + "\n" + '{"name": "test_z", "st')
+    rows, others, _ = report.load([path])
+    assert rows == [] and [o["name"] for o in others] == ["test_x", "test_y"]
