@@ -226,20 +226,14 @@ def test_errors(eager_on_cpu, monkeypatch):
         GraphDecoder(model, batch_size=2, prompt_length=6, max_new_tokens=20, num_beams=2, length_penalty=100.0)
     with pytest.raises(ValueError, match="early_stopping"):
         GraphDecoder(model, batch_size=2, prompt_length=6, num_beams=2, early_stopping="sometimes")
-    beams = GraphDecoder(model, batch_size=2, prompt_length=6, max_new_tokens=3, num_beams=2)
-    with pytest.raises(ValueError, match=r"input_ids: expected at most \[2, 6\]"):
-        beams.generate(*_prompts(3, 6, 0))
-    with pytest.raises(ValueError, match=r"input_ids: expected at most \[2, 6\]"):
-        beams.generate(*_prompts(2, 7, 0))
-    with pytest.raises(ValueError, match="seed: this GraphDecoder searches 2 beams"):
-        beams.generate(ids, attention_mask=mask, seed=1)
     greedy = GraphDecoder(model, batch_size=2, prompt_length=6, max_new_tokens=3)
-    with pytest.raises(ValueError, match=r"input_ids: expected at most \[2, 6\]"):
-        greedy.generate(*_prompts(3, 6, 0))
-    with pytest.raises(ValueError, match=r"input_ids: expected at most \[2, 6\]"):
-        greedy.generate(*_prompts(2, 7, 0))
-    with pytest.raises(ValueError, match="seed: this GraphDecoder decodes greedily"):
-        greedy.generate(ids, attention_mask=mask, seed=1)
+    beams = GraphDecoder(model, batch_size=2, prompt_length=6, max_new_tokens=3, num_beams=2)
+    for dec, no_draws in ((beams, "searches 2 beams"), (greedy, "decodes greedily")):
+        for rows, length in ((3, 6), (2, 7)):
+            with pytest.raises(ValueError, match=r"input_ids: expected at most \[2, 6\]"):
+                dec.generate(*_prompts(rows, length, 0))
+        with pytest.raises(ValueError, match=f"seed: this GraphDecoder {no_draws}"):
+            dec.generate(ids, attention_mask=mask, seed=1)
     sampler = GraphDecoder(model, batch_size=2, prompt_length=6, max_new_tokens=3, temperature=1.0)
     with pytest.raises(ValueError, match="seed"):
         sampler.generate(ids, attention_mask=mask, seed=1.5)
