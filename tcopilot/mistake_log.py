@@ -214,9 +214,14 @@ class MistakeLog:
     asynchronously (stream-ordered after the device -> host copy). The summary is accumulated on the device
     and folded into host counters lazily (:meth:`flush`: one device -> host copy of everything pending), so a
     push synchronises only to read its entry's sizes (counted and real rows), and not at all when given them
-    (``counts=``, as :class:`~tcopilot.TransformerCopilot` does). An entry on the device is read without a
+    (``counts=``, as :class:`~tcopilot.TransformerCopilot` does), except that the ``MAX_PENDING``-th (64) push
+    not yet folded in flushes, to bound the device memory of the pending per-token statistics: one
+    synchronisation per 64 steps when nothing reads the statistics in between (:meth:`step_stats`, as logging
+    does, flushes). An entry on the device is read without a
     synchronisation too: its rows are placed by indices sized from its shapes (:meth:`LogEntry.counted_rows`).
     """
+
+    MAX_PENDING = 64  # pushes whose statistics wait on the device for the next flush, at most
 
     def __init__(self, capacity: int = 128, max_bytes: int = 1 << 30, topk: int = 32,
                  pooled_dtype: str | None = "bfloat16", topk_dtype: str = "float32", seed: int = 0,
@@ -270,6 +275,7 @@ class MistakeLog:
 
     def usage(self) -> dict:
         """Entries, bytes used, the budget, bytes per real token, evicted and dropped entries."""
+        self._wait_all()  # the token counts read the entries' masks: their copies into pinned memory must be done
         toks = sum(e.num_tokens for e in self.entries)
         return {"entries": len(self.entries), "capacity": self.capacity, "bytes": self.nbytes,
                 "max_bytes": self.max_bytes, "tokens": toks,
@@ -372,7 +378,7 @@ class MistakeLog:
         )
         if input_ids.device.type == "cuda" and self.pin_memory:
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(input_ids.device))  # the copies' stream, not the current device's
             self._events[id(entry)] = ev
         self.pushed += 1
         size = entry.nbytes
@@ -427,7 +433,7 @@ class MistakeLog:
             ]).double(),
             "y": y.long(), "err": err.double(), "top1": top1,
         })
-        if len(self._pending) >= 64:
+        if len(self._pending) >= self.MAX_PENDING:
             self.flush()
 
     @staticmethod

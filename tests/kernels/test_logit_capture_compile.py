@@ -42,8 +42,9 @@ def _inputs(seed=0, dtype=torch.float32):
 
 def _upstream(cap: Capture, seed=1):
     g = torch.Generator().manual_seed(seed)
-    gl = torch.randn(cap.loss.shape, generator=g, dtype=torch.float64).to(cap.loss.dtype)
-    gv = torch.randn(cap.p_values.shape, generator=g, dtype=torch.float64).to(cap.p_values.dtype)
+    # drawn on the CPU (the same numbers on every device), then moved: autograd refuses a gradient on another device
+    gl = torch.randn(cap.loss.shape, generator=g, dtype=torch.float64).to(cap.loss.device, cap.loss.dtype)
+    gv = torch.randn(cap.p_values.shape, generator=g, dtype=torch.float64).to(cap.p_values.device, cap.p_values.dtype)
     return gl, gv
 
 
