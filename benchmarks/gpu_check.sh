@@ -109,8 +109,8 @@ fi
 # TCOPILOT_AUTOTUNE=0: the tests check the kernels' results, and each (head dim, dtype) the attention tests meet
 # would otherwise compile its whole autotune list first (minutes with a cold cache). The benchmarks below
 # autotune, and check the configuration it picks against the reference before timing it.
-# The kernels' bf16 tests first, then the models' (CUDA graphs, host synchronisations), then the integrations:
-# a deadline cuts what comes last.
+# The kernels' bf16 tests first, then the models' (CUDA graphs, host synchronisations), then the integrations,
+# then the gpu_late ones (a cold inductor compilation; tests/conftest.py): a deadline cuts what comes last.
 T=$(min "$TESTS_MAX" $(( $(left) - BENCH_MIN - REPORT_RESERVE )))
 stage gpu_tests "$T" "$OUT/gpu_tests.log" env TCOPILOT_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -rfE --maxfail 10 \
   -p no:cacheprovider tests/kernels tests/models tests/integrations

@@ -291,6 +291,7 @@ def test_compiled_matches_eager_under_autocast():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_late  # a cold inductor compilation: tests/conftest.py runs it after the other GPU tests
 @gpu
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_cuda_autocast_triton_gpu(backend):
