@@ -204,9 +204,6 @@ class _BeamState:
 
     def advance(self) -> None:
         """Reorder both models' state with the live beams and feed their last tokens."""
-        # The feed recomputes the logits: reordering the old ones would only read a buffer dropped right after
-        # (in a captured step, one allocated outside the graph, stale at every replay).
-        self.dec._z = None
         self.dec.reorder((self.run_src + self.offsets).reshape(-1))
         self.dec.advance(self.run_tok.reshape(-1))
 

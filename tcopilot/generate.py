@@ -396,20 +396,20 @@ class _PairDecoder:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select rows (beam search): every cache, the mask, the positions and the fed-back ``g`` (``static``: in
-        place, so that a captured step reads the reordered state)."""
+        place, so that a captured step reads the reordered state). The logits are dropped, not reordered: they
+        derive from ``h`` and are recomputed when next asked for (the search feeds new tokens first, which
+        recomputes them anyway; in a captured step a reordered copy would be a buffer from outside the graph)."""
+        self._z = None
         if self.static:
             reorder_static_pilot_cache(self.cache, index)
             for t in (self.mask, self.cur_pos, self.h):
                 t.copy_(t.index_select(0, index))
-            self._z = None if self._z is None else self._z.index_select(0, index)
             if self.use_copilot:
                 self.ccache.reorder(index)
                 self.g.copy_(self.g.index_select(0, index))
             return
         self.cache = reorder_pilot_cache(self.cache, index)
         self.mask, self.cur_pos, self.h = self.mask[index], self.cur_pos[index], self.h[index]
-        if self._z is not None:
-            self._z = self._z[index]
         if self.use_copilot:
             self.ccache.reorder(index)
             self.g = self.g[index]

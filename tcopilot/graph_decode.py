@@ -360,7 +360,7 @@ class GraphDecoder:
             _check_capturable(self.model, dec, None)
         if self.num_beams > 1:
             loop = _BeamState(dec, self.batch_size, self.num_beams, self.max_new_tokens, self.eos_ids,
-                              self.pad_token_id, self.lam if self.use_copilot else 0.0, self.fusion,
+                              self.pad_token_id, self.lam, self.fusion,
                               self.length_penalty, self.early_stopping, static=True)  # fmt: skip
             loop.score(0)
         else:

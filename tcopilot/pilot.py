@@ -482,11 +482,6 @@ class TransformerCopilot(nn.Module):
         extra, items_packed, counts_packed = [], None, False
         compiling = torch.compiler.is_compiling()
         items = num_items_in_batch
-        if (isinstance(items, torch.Tensor) and items.device.type == "cpu" and input_ids.device.type != "cpu"
-                and items.numel() == 1 and not items.requires_grad and not compiling):
-            # A count made on the host (a loop counting a CPU batch's labels): its number, read from host memory
-            # (no device synchronisation), rather than a tensor copied to the device inside the loss (a blocking copy)
-            num_items_in_batch = items = items.item()
         if not compiling and isinstance(items, torch.Tensor) and items.device == input_ids.device:
             items_packed = scalar_as_int64(items)
             if items_packed is not None:

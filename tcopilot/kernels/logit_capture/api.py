@@ -95,8 +95,10 @@ def _check_not_sharded(name: str, t: torch.Tensor | None) -> None:
             )
 
 
-def _check_num_items(num_items_in_batch, reduction: str, value=None):
-    """``num_items_in_batch`` checked; ``value``: a tensor's value already read by the caller (else ``.item()``)."""
+def _check_num_items(num_items_in_batch, reduction: str, device: torch.device, value=None):
+    """``num_items_in_batch`` checked; ``value``: a tensor's value already read by the caller (else ``.item()``).
+    A host tensor for device inputs comes back as its number: the loss then fills it in on the device, where the
+    tensor would be copied over (a copy from pageable memory, which waits for the device)."""
     if num_items_in_batch is None:
         return None
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -124,6 +126,9 @@ def _check_num_items(num_items_in_batch, reduction: str, value=None):
             f"num_items_in_batch: only used with reduction='mean', got reduction={reduction!r} "
             "(pass num_items_in_batch=None)"
         )
+    if (isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.device.type == "cpu"
+            and device.type != "cpu" and not torch.compiler.is_compiling()):
+        return value
     return num_items_in_batch
 
 
@@ -315,7 +320,7 @@ def logit_capture(
         raise ValueError(f"z_loss: expected a number >= 0, got {z_loss!r}")
     if token_weights is not None:
         check_tensor("token_weights", token_weights, ndim=1, dtypes=FLOAT_DTYPES, device=device, shape=(n,))
-    num_items_in_batch = _check_num_items(num_items_in_batch, reduction, num_items_value)
+    num_items_in_batch = _check_num_items(num_items_in_batch, reduction, device, num_items_value)
 
     fn = None
     if impl == "triton" or (impl == "auto" and device.type == "cuda"):
