@@ -12,13 +12,15 @@
 #      points at the checkout anyway, so a failed install does not stop the rest)
 #   4. GPU-only tests: pytest -m gpu -q --maxfail 10 -> $OUT/gpu_tests.log            (GPU_TESTS_TIMEOUT_S, 240 s)
 #      (not -x: one failing test must not hide the others in the one run a lent GPU allows; kernels first;
-#      TCOPILOT_AUTOTUNE=0: each kernel's table configuration, no autotune compilations)
+#      TCOPILOT_AUTOTUNE=0: each kernel's table configuration, no autotune compilations; GPU_TESTS_WORKERS
+#      pytest-xdist processes, 4 by default, where the image has xdist: cold Triton compilations are CPU work)
 #   5. benchmarks, quick scope, files in priority order -> $OUT/bench.json, $OUT/bench.log (what is left - 25 s),
 #      and $OUT/bench-cases.jsonl (each finished case at once: the report's source if bench.json is lost)
 #      Stopped with SIGINT at its deadline: pytest then still writes the JSON of every finished benchmark.
 #      Cases with long compilations (torch.compile, FlexAttention) run last, so they are what a deadline cuts.
 #   6. report.py                                    -> $OUT/<card>-<date>.md and .csv, plus this run's log
-# Knobs: OUT, PYTHON, GPU_CHECK_BUDGET_S, GPU_TESTS_TIMEOUT_S, TCOPILOT_BENCH_SCOPE (quick | full),
+# Knobs: OUT, PYTHON, GPU_CHECK_BUDGET_S, GPU_TESTS_TIMEOUT_S, GPU_TESTS_WORKERS (1: serial),
+# TCOPILOT_BENCH_SCOPE (quick | full),
 # TCOPILOT_BENCH_TARGET_S (default 0.3 here),
 # GPU_CHECK_SKIP_INSTALL=1 (leave the environment alone, e.g. for a dry run on a CPU machine).
 set -uo pipefail
@@ -107,13 +109,22 @@ fi
 
 # 4. GPU-only tests -------------------------------------------------------------------------------------
 # TCOPILOT_AUTOTUNE=0: the tests check the kernels' results, and each (head dim, dtype) the attention tests meet
-# would otherwise compile its whole autotune list first (minutes with a cold cache). The benchmarks below
-# autotune, and check the configuration it picks against the reference before timing it.
+# would otherwise compile its whole autotune list first (minutes with a cold cache). The benchmarks below run
+# the same table configurations (step 5), so they find the tests' compilations in Triton's cache.
+# Workers: each test compiles its kernels' variants (dtype, head dim, flags) on a cold cache, one after the
+# other in a single process; the machine has 16 cores. Every worker is its own process with its own CUDA
+# context, so the host-sync, memory and CUDA-graph tests measure only themselves; the largest test allocates
+# a 4.3 GB chunk buffer (test_int64_offsets_gpu), far from the card's memory even four at once. pytest-xdist is
+# in the GPU image (device/KINDS.md); without it the stage runs serially.
 # The kernels' bf16 tests first, then the models' (CUDA graphs, host synchronisations), then the integrations,
 # then the gpu_late ones (a cold inductor compilation; tests/conftest.py): a deadline cuts what comes last.
 T=$(min "$TESTS_MAX" $(( $(left) - BENCH_MIN - REPORT_RESERVE )))
+WORKERS=()
+if (( ${GPU_TESTS_WORKERS:-4} > 1 )) && "$PY" -c "import xdist" 2> /dev/null; then
+  WORKERS=(-n "${GPU_TESTS_WORKERS:-4}")
+fi
 stage gpu_tests "$T" "$OUT/gpu_tests.log" env TCOPILOT_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -rfE --maxfail 10 \
-  -p no:cacheprovider tests/kernels tests/models tests/integrations
+  "${WORKERS[@]}" -p no:cacheprovider tests/kernels tests/models tests/integrations
 
 # 5. benchmarks -----------------------------------------------------------------------------------------
 # Files in the order of what the issues' targets need most, since the deadline cuts the last ones: the fused
