@@ -240,6 +240,12 @@ class _KV:
         t = k.shape[2]
         if self.k is None:
             self._grow(self.reserve, k, v, pos)
+            # The attention reads the whole buffers. An unfilled slot is masked out (position -1): the Triton
+            # kernels load it as zeros, but PyTorch's SDPA (log_attention's torch path) multiplies its value by a
+            # probability of exactly 0, and 0 * NaN is NaN. Fresh memory may hold any bit pattern (a bf16 NaN is
+            # 1 in 256 of them), so unfilled slots are zeros, as after reset().
+            self.k.zero_()
+            self.v.zero_()
             self.fill = torch.zeros((), dtype=torch.int64, device=k.device)
         if self.n + t > self.k.shape[2]:
             raise ValueError(

@@ -220,6 +220,39 @@ def test_log_attention_fp64_gradcheck():
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def test_log_attention_fp64_gradcheck_one_sdpa_call():
+    # The one-call SDPA path (no block_q, D == Dv): grouped heads, padding and queries that see no key.
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    q_pos = torch.tensor([[-1, 0, 1, 2, 3], [0, 1, 2, 3, 4]])
+    k_pos = torch.tensor([[0, 1, 2, -1, 0, 1, 2], [2, 3, 4, 5, -1, 3, 4]])
+    fn = lambda q, k, v: log_attention_torch(q, k, v, q_pos, k_pos, 0.7)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_log_attention_torch_path_choice(monkeypatch):
+    """One SDPA call on CPU within the score budget with D == Dv; the blocked loop otherwise, or when asked."""
+    from tcopilot.kernels.log_attention import torch_impl
+
+    calls = []
+    real = torch_impl.F.scaled_dot_product_attention
+    spy = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(torch_impl.F, "scaled_dot_product_attention", spy)
+    q, k, v, q_pos, k_pos, _ = _make("two_segment_log", 2, 4, 2, 9, 8, 8, torch.float32)
+    _, _, v12, *_ = _make("two_segment_log", 2, 4, 2, 9, 8, 12, torch.float32)
+    one_call = log_attention_torch(q, k, v, q_pos, k_pos, 0.5)
+    assert len(calls) == 1
+    blocked = log_attention_torch(q, k, v, q_pos, k_pos, 0.5, block_q=9)
+    log_attention_torch(q, k, v12, q_pos, k_pos, 0.5)  # Dv != D
+    monkeypatch.setattr(torch_impl, "_SCORE_BUDGET", 2 * 4 * 9 * 18 - 1)  # B * Hq * Lq * Lk, less one
+    over_budget = log_attention_torch(q, k, v, q_pos, k_pos, 0.5)
+    assert len(calls) == 1
+    torch.testing.assert_close(one_call, blocked, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(over_budget, blocked, rtol=1e-5, atol=1e-6)  # smaller blocks: other rounding
+
+
 def test_log_attention_auto_is_torch_on_cpu():
     q, k, v, q_pos, k_pos, _ = _make("causal", 1, 2, 1, 9, 8, 8, torch.float32)
     torch.testing.assert_close(

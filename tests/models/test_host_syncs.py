@@ -131,12 +131,18 @@ def test_training_forward_reads_the_host_once_and_its_backward_never(impl):
     assert out.copilot_loss is not None and model.copilot.error_out.weight.grad is not None
 
 
-def test_torch_attention_adds_one_read_per_copilot_layer():
-    """log_attention's PyTorch path (the Copilot's attention on the CPU with "auto") reads its block plan once per
-    call (forward and backward); everything else of the forward is the one read of the range check."""
+@pytest.mark.parametrize("blocked", [False, True], ids=["one_sdpa_call", "blocked"])
+def test_torch_attention_reads_nothing_in_one_call_and_its_block_plan_when_blocked(blocked, monkeypatch):
+    """log_attention's PyTorch path (the Copilot's attention on the CPU with "auto"): one SDPA call reads nothing;
+    the blocked loop (scores over its budget) reads its block plan once per call, forward and backward.
+    Everything else of the forward is the one read of the range check."""
+    if blocked:
+        from tcopilot.kernels.log_attention import torch_impl
+
+        monkeypatch.setattr(torch_impl, "_SCORE_BUDGET", 1)
     model = _model("torch")
     ids, mask, labels = _left_padded_batch()
-    layers = model.copilot.config.num_hidden_layers
+    layers = model.copilot.config.num_hidden_layers if blocked else 0
     with host_reads() as reads:
         out = model(ids, attention_mask=mask, labels=labels)
     assert reads.count == 1 + layers

@@ -80,15 +80,18 @@ def log_attention(
         k_pos: [B, Lk] integer positions of the keys (same dtypes); a negative position marks padding.
         scale: score scale, a finite number > 0; default ``1 / sqrt(D)``.
         impl: ``"auto"`` (Triton on CUDA tensors when the kernel is available, except fp64; PyTorch
-            otherwise), ``"torch"`` (blocked PyTorch path) or ``"triton"`` (never falls back silently; CPU
-            tensors only under ``TRITON_INTERPRET=1``).
+            otherwise), ``"torch"`` (PyTorch: one SDPA call with the positions' mask on CPU tensors when the
+            scores fit a budget and ``Dv == D``, else a blocked loop; see its module) or ``"triton"`` (never
+            falls back silently; CPU tensors only under ``TRITON_INTERPRET=1``).
 
     Returns:
         [B, Hq, Lq, Dv] in ``q``'s dtype. A query that sees no key (e.g. a padded query with a negative
         position) returns zeros and receives zero gradients, never NaN.
 
-    Numerics: scores, softmax and accumulation in fp32 (fp64 for fp64 inputs); the output is rounded
-    to ``q``'s dtype once, and gradients are returned in the inputs' dtypes.
+    Numerics: scores, softmax and accumulation in fp32 (fp64 for fp64 inputs); for fp16/bf16 inputs the
+    Triton kernel and PyTorch's CPU flash kernel (the torch path's one-call case) round the probabilities to
+    the input dtype before their product with ``v``, as flash attention does. The output is rounded to
+    ``q``'s dtype once, and gradients are returned in the inputs' dtypes.
 
     Raises:
         ValueError: naming the argument, for wrong ranks, shapes, dtypes, devices, empty tensors,
