@@ -15,8 +15,10 @@ Double backward is not supported.
 On CPU tensors whose whole score tensor fits in one block's budget (and ``Dv == D``), one call of
 ``F.scaled_dot_product_attention`` with the positions' boolean mask does the same work instead: PyTorch's
 CPU flash-attention kernel takes the mask and grouped heads, keeps only the output and the log-sum-exp for
-its backward, and was 2-4x faster than the blocked loop on a 2-core CPU (forward and backward, from the
-Copilot's shapes in the end-to-end benchmark up to B=1, Hq=32, L=1024, D=64). Rows that see no key are
+its backward, and was 1.7-2.2x faster than the blocked loop forward and 2.0-2.5x forward + backward (best of
+40 on a 2-core CPU, fp32, from B=2, Hq=4, L=64, D=16 to B=4, Hq=8, L=256, D=64). It accumulates in fp32 too,
+but rounds the probabilities to fp16/bf16 inputs' dtype before their product with V, as flash attention (and
+the Triton kernel) does. Rows that see no key are
 given key 0 for that call and then zeroed, so their output and gradients are exactly 0 whatever SDPA does
 with a fully masked row. As in SDPA and the reference, a masked key's value still meets its probability of
 exactly 0 in ``p @ V``, so it must be finite (0 * NaN is NaN); the Triton kernels load padding slots (negative
@@ -187,7 +189,7 @@ def log_attention_torch(
     *,
     block_q: int | None = None,
 ) -> torch.Tensor:
-    """Blocked PyTorch ``log_attention`` on validated inputs (see ``tcopilot.log_attention``).
+    """PyTorch ``log_attention`` on validated inputs (see ``tcopilot.log_attention``).
 
     ``block_q`` overrides the number of query rows per block (default: at most ``MAX_BLOCK_Q``, fewer
     when the scores of a block would exceed the memory budget); given, it also forces the blocked loop
