@@ -124,7 +124,7 @@ if (( ${GPU_TESTS_WORKERS:-4} > 1 )) && "$PY" -c "import xdist" 2> /dev/null; th
   WORKERS=(-n "${GPU_TESTS_WORKERS:-4}")
 fi
 stage gpu_tests "$T" "$OUT/gpu_tests.log" env TCOPILOT_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -rfE --maxfail 10 \
-  "${WORKERS[@]}" -p no:cacheprovider tests/kernels tests/models tests/integrations
+  ${WORKERS[@]+"${WORKERS[@]}"} -p no:cacheprovider tests/kernels tests/models tests/integrations
 
 # 5. benchmarks -----------------------------------------------------------------------------------------
 # Files in the order of what the issues' targets need most, since the deadline cuts the last ones: the fused
