@@ -14,6 +14,28 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _poison_fresh_memory() -> None:
+    """``TCOPILOT_TEST_POISON_EMPTY=1``: every ``torch.empty`` / ``empty_like`` / ``Tensor.new_empty`` made from
+    Python comes back filled with NaN (floats), a large integer, or True, so that code reading memory it never
+    wrote fails instead of passing on whatever the allocator happened to hand out (a static decode cache did)."""
+    real = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() or t.is_complex():
+            return t.fill_(float("nan"))
+        if t.dtype == torch.bool:
+            return t.fill_(True)
+        return t.fill_(torch.iinfo(t.dtype).max // 3)
+
+    torch.empty = lambda *a, **k: poison(real[0](*a, **k))
+    torch.empty_like = lambda *a, **k: poison(real[1](*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: poison(real[2](self, *a, **k))
+
+
+if os.environ.get("TCOPILOT_TEST_POISON_EMPTY", "0") == "1":
+    _poison_fresh_memory()
+
+
 def pytest_collection_modifyitems(config, items):
     # gpu_late: GPU tests with long cold compilations (inductor) run after all others, so that a time-limited GPU
     # run (benchmarks/gpu_check.sh's test stage) cuts them first. A stable sort: the rest keeps its order.
