@@ -14,6 +14,7 @@ are instant. Triton is imported lazily too, so ``import tcopilot`` works on mach
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING
@@ -57,11 +58,15 @@ _LAZY = {
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tcopilot' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+    # A submodule, so that dotted names work after a bare ``import tcopilot`` (``tcopilot.train.Trainer``,
+    # ``tcopilot.integrations.CopilotTrainer``, ``tcopilot.pilot.LOGIT_SCALE_RULES``); importing it binds it here.
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'tcopilot' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

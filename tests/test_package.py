@@ -48,6 +48,15 @@ def test_generate_stays_the_function_after_its_submodule_is_imported():
     assert out == "True tcopilot.generate\ngenerate"
 
 
+def test_submodules_are_reachable_as_attributes_after_a_bare_import():
+    out = _fresh(
+        "import tcopilot\n"
+        "print(tcopilot.train.Trainer.__name__, type(tcopilot.pilot.LOGIT_SCALE_RULES).__name__,\n"
+        "      tcopilot.kernels.logit_capture.logit_capture is tcopilot.logit_capture)"
+    )
+    assert out == "Trainer dict True"
+
+
 def test_an_unknown_name_raises_attribute_error():
     try:
         tcopilot.no_such_name  # noqa: B018
