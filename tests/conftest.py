@@ -14,10 +14,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _poison_fresh_memory() -> None:
+def _poison_fresh_memory(set_attr=setattr) -> None:
     """``TCOPILOT_TEST_POISON_EMPTY=1``: every ``torch.empty`` / ``empty_like`` / ``Tensor.new_empty`` made from
     Python comes back filled with NaN (floats), a large integer, or True, so that code reading memory it never
-    wrote fails instead of passing on whatever the allocator happened to hand out (a static decode cache did)."""
+    wrote fails instead of passing on whatever the allocator happened to hand out (a static decode cache did).
+    ``set_attr``: how the three are replaced (``monkeypatch.setattr`` for one test: the ``poison_fresh_memory``
+    fixture)."""
     real = (torch.empty, torch.empty_like, torch.Tensor.new_empty)
 
     def poison(t: torch.Tensor) -> torch.Tensor:
@@ -27,13 +29,19 @@ def _poison_fresh_memory() -> None:
             return t.fill_(True)
         return t.fill_(torch.iinfo(t.dtype).max // 3)
 
-    torch.empty = lambda *a, **k: poison(real[0](*a, **k))
-    torch.empty_like = lambda *a, **k: poison(real[1](*a, **k))
-    torch.Tensor.new_empty = lambda self, *a, **k: poison(real[2](self, *a, **k))
+    set_attr(torch, "empty", lambda *a, **k: poison(real[0](*a, **k)))
+    set_attr(torch, "empty_like", lambda *a, **k: poison(real[1](*a, **k)))
+    set_attr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real[2](self, *a, **k)))
 
 
 if os.environ.get("TCOPILOT_TEST_POISON_EMPTY", "0") == "1":
     _poison_fresh_memory()
+
+
+@pytest.fixture
+def poison_fresh_memory(monkeypatch):
+    """Call it to poison fresh memory (as ``TCOPILOT_TEST_POISON_EMPTY=1`` does) for the rest of the test."""
+    return lambda: _poison_fresh_memory(monkeypatch.setattr)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -191,7 +191,7 @@ def test_static_copilot_cache_is_fixed_size_and_keeps_its_addresses():
 
 
 @pytest.mark.parametrize("attention", ["torch", "triton"])
-def test_static_cache_slots_not_yet_filled_hold_zeros_whatever_fresh_memory_holds(attention, monkeypatch):
+def test_static_cache_slots_not_yet_filled_hold_zeros_whatever_fresh_memory_holds(attention, poison_fresh_memory):
     """The attention reads a static cache's whole buffers; unfilled slots are masked out by their position (the
     Triton kernels load them as zeros), but SDPA, the torch path's, multiplies their values by a probability of 0,
     and 0 * NaN is NaN. Fresh memory is poisoned with NaN here (a bf16 NaN is 1 in 256 bit patterns of
@@ -200,13 +200,7 @@ def test_static_cache_slots_not_yet_filled_hold_zeros_whatever_fresh_memory_hold
     ids, mask = _prompts()
     kw = dict(impl=attention, temperature=1.0, seed=3)
     want = generate(model, ids, attention_mask=mask, max_new_tokens=5, **kw)
-    real_new_empty = torch.Tensor.new_empty
-
-    def poisoned(self, *size, **kwargs):
-        out = real_new_empty(self, *size, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+    poison_fresh_memory()
     cache = model.copilot.new_cache(max_positions=ids.shape[1] + 5, static=True)
     kv = cache.layers[0]
     kv.append(*(torch.randn(3, kv_heads(model), 2, 8, device=DEV),) * 2, torch.arange(2, device=DEV).expand(3, 2))
